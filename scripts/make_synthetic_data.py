@@ -1,0 +1,145 @@
+"""Build a synthetic dataset with TextVQA_GT_bbox's schema, offline.
+
+Each image holds one target object (a colour + shape named by the question) among distractors
+that differ in colour or shape, so the answer can be found from the image alone. Columns match
+the real dataset: image, question, answer (list of str), dataset_id (str), bbox as
+[x, y, width, height] floats in original pixels. Written in the Hub layout
+(DIR/data/train-00000-of-00001.parquet) that `datasets.load_dataset(DIR, split="train")` reads.
+
+    python scripts/make_synthetic_data.py --output_dir data/synthetic_textvqa --num_samples 2000
+"""
+
+import argparse
+import os
+import random
+
+from datasets import Dataset, Features, Image, List, Value
+from PIL import Image as PILImage
+from PIL import ImageDraw
+from tqdm import tqdm
+
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20),
+    "purple": (140, 40, 170), "orange": (250, 130, 10), "cyan": (20, 200, 210), "black": (15, 15, 15),
+    "pink": (250, 120, 180), "brown": (120, 70, 20), "white": (250, 250, 250), "gray": (128, 128, 128),
+}  # fmt: skip
+SHAPES = ["square", "circle", "triangle", "diamond", "cross", "bar"]
+FEATURES = Features(
+    {
+        "image": Image(),
+        "question": Value("string"),
+        "answer": List(Value("string")),
+        "dataset_id": Value("string"),
+        "bbox": List(Value("float64")),
+    }
+)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
+    """Fill `shape` so it touches all four sides of `box` (x1, y1, x2, y2, pixel edges)."""
+    x1, y1, x2, y2 = box
+    last_x, last_y = x2 - 1, y2 - 1  # PIL's coordinates are inclusive pixel indices
+    middle_x, middle_y = (x1 + last_x) / 2, (y1 + last_y) / 2
+    if shape == "square":
+        draw.rectangle((x1, y1, last_x, last_y), fill=color)
+    elif shape == "circle":
+        draw.ellipse((x1, y1, last_x, last_y), fill=color)
+    elif shape == "triangle":
+        draw.polygon([(middle_x, y1), (last_x, last_y), (x1, last_y)], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(middle_x, y1), (last_x, middle_y), (middle_x, last_y), (x1, middle_y)], fill=color)
+    elif shape == "cross":
+        third_w, third_h = (x2 - x1) / 3, (y2 - y1) / 3
+        draw.rectangle((x1 + third_w, y1, x2 - third_w - 1, last_y), fill=color)
+        draw.rectangle((x1, y1 + third_h, last_x, y2 - third_h - 1), fill=color)
+    elif shape == "bar":
+        draw.rectangle((x1, y1, last_x, last_y), fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def random_box(rng: random.Random, width: int, height: int, shape: str, min_frac: float, max_frac: float):
+    side = rng.uniform(min_frac, max_frac) * min(width, height)
+    box_w, box_h = side, side
+    if shape == "bar":  # long and thin, in either orientation
+        box_w, box_h = (side * 2.5, side * 0.5) if rng.random() < 0.5 else (side * 0.5, side * 2.5)
+    box_w, box_h = max(6, min(int(box_w), width - 2)), max(6, min(int(box_h), height - 2))
+    x1 = rng.randint(0, width - box_w)
+    y1 = rng.randint(0, height - box_h)
+    return (x1, y1, x1 + box_w, y1 + box_h)
+
+
+def overlaps(box, others, margin: int = 4) -> bool:
+    return any(
+        box[0] < o[2] + margin and o[0] < box[2] + margin and box[1] < o[3] + margin and o[1] < box[3] + margin
+        for o in others
+    )
+
+
+def make_sample(rng: random.Random, index: int, args) -> dict:
+    # Wide range of sizes and aspect ratios so every resize path of the collator is exercised.
+    long_side = rng.randint(args.min_side, args.max_side)
+    short_side = max(args.min_side, int(long_side * rng.uniform(0.5, 1.0)))
+    width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    background = tuple(rng.randint(200, 255) for _ in range(3))
+    image = PILImage.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    if args.clutter:  # thin random lines in muted colours, never a named colour
+        for _ in range(rng.randint(5, 20)):
+            points = [(rng.randint(0, width), rng.randint(0, height)) for _ in range(2)]
+            draw.line(points, fill=tuple(rng.randint(150, 200) for _ in range(3)), width=rng.randint(1, 3))
+
+    colors, shapes = args.colors, args.shapes
+    target = (rng.choice(colors), rng.choice(shapes))
+    target_box = random_box(rng, width, height, target[1], args.min_object, args.max_object)
+    placed = [target_box]
+    for _ in range(rng.randint(0, args.max_distractors)):
+        distractor = (rng.choice(colors), rng.choice(shapes))
+        if distractor == target:
+            continue
+        for _attempt in range(20):
+            box = random_box(rng, width, height, distractor[1], args.min_object, args.max_object)
+            if not overlaps(box, placed):
+                draw_shape(draw, distractor[1], box, COLORS[distractor[0]])
+                placed.append(box)
+                break
+    draw_shape(draw, target[1], target_box, COLORS[target[0]])
+
+    x1, y1, x2, y2 = target_box
+    name = f"{target[0]} {target[1]}"
+    return {
+        "image": image,
+        "question": f"where is the {name}?",
+        "answer": [name] * 10,
+        "dataset_id": str(index),
+        "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_side", type=int, default=150)
+    parser.add_argument("--max_side", type=int, default=1300)
+    parser.add_argument("--colors", nargs="+", default=["red", "green", "blue", "yellow"], choices=sorted(COLORS))
+    parser.add_argument("--shapes", nargs="+", default=["square", "circle", "triangle"], choices=SHAPES)
+    parser.add_argument("--max_distractors", type=int, default=2)
+    parser.add_argument("--min_object", type=float, default=0.15, help="object side as a fraction of the short side")
+    parser.add_argument("--max_object", type=float, default=0.4)
+    parser.add_argument("--clutter", action="store_true", help="draw random lines on the background")
+    args = parser.parse_args()
+    if len(args.colors) * len(args.shapes) < 2:
+        parser.error("need at least two colour/shape combinations so distractors can differ from the target")
+
+    rng = random.Random(args.seed)
+    samples = [make_sample(rng, index, args) for index in tqdm(range(args.num_samples), desc="drawing images")]
+    dataset = Dataset.from_list(samples, features=FEATURES)
+    os.makedirs(os.path.join(args.output_dir, "data"), exist_ok=True)
+    dataset.to_parquet(os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet"))
+    print(f"{len(dataset)} synthetic TextVQA-schema samples written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

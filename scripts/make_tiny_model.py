@@ -1,0 +1,159 @@
+"""Build a tiny, randomly initialised Qwen2.5-VL offline: tokenizer, processor and model.
+
+It is the real `Qwen2_5_VLForConditionalGeneration` class with few layers, saved so that
+`AutoProcessor.from_pretrained(DIR)` and `Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)`
+load it exactly as they load Qwen/Qwen2.5-VL-3B-Instruct. Tests and the CPU demo train it.
+
+    python scripts/make_tiny_model.py --output_dir models/tiny-qwen2.5-vl
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2TokenizerFast,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import PROMPT_SUFFIX  # noqa: E402
+
+# Qwen2.5-VL's special tokens, in the real model's order (ids differ here: never hard-code them).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# Qwen2.5-VL-Instruct's chat template (default system prompt, image/video placeholders).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the BPE merges are learned from: the chat frame, the prompt and the answer format.
+# Byte-level BPE still encodes any other text (a real TextVQA question), byte by byte.
+TOKENIZER_CORPUS = [
+    "system\nYou are a helpful assistant.\nuser\nassistant\n",
+    PROMPT_SUFFIX,
+    '{"bbox_2d": [12, 345, 678, 901]}',
+    "where is the red square? where is the blue circle? where is the green triangle? "
+    "what is written on the sign? what is the name of the company on the card?",
+    "red green blue yellow orange purple cyan magenta white black gray brown pink "
+    "square circle triangle diamond cross star ring bar rectangle ellipse",
+]
+
+
+def build_tokenizer(vocab_size: int) -> Qwen2TokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    # Digits as single tokens: every coordinate is spelled digit by digit, which is easy to learn.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS * 20, trainer=trainer)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab_size", type=int, default=400)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--vision_hidden_size", type=int, default=64)
+    parser.add_argument("--vision_depth", type=int, default=2)
+    parser.add_argument("--vision_heads", type=int, default=4)
+    parser.add_argument("--min_pixels", type=int, default=28 * 28 * 4)
+    parser.add_argument("--max_pixels", type=int, default=28 * 28 * 1280)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+
+    tokenizer = build_tokenizer(args.vocab_size)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    head_dim = args.hidden_size // args.num_heads
+    # mRoPE splits head_dim / 2 rotary frequencies over (time, height, width), as the 3B's [16, 24, 24] does.
+    height_width = (head_dim // 2) * 3 // 8
+    mrope_section = [head_dim // 2 - 2 * height_width, height_width, height_width]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden_size,
+            intermediate_size=args.hidden_size * 4,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_heads,
+            num_key_value_heads=max(1, args.num_heads // 2),
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=args.vision_depth,
+            hidden_size=args.vision_hidden_size,
+            intermediate_size=args.vision_hidden_size * 2,
+            num_heads=args.vision_heads,
+            out_hidden_size=args.hidden_size,
+            fullatt_block_indexes=[args.vision_depth - 1],
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(f"tiny Qwen2.5-VL ({num_parameters / 1e6:.2f}M parameters, vocab {len(tokenizer)}) saved to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny model and synthetic data are built once per session by the same
+scripts a user runs, then reused read-only by every test."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+
+
+def run_script(*args, env=None, check=True, timeout=900, cwd=REPO_DIR):
+    """Run `python <args>` from the repo root as a user would; return the CompletedProcess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("tiny_model")
+    run_script("scripts/make_tiny_model.py", "--output_dir", output_dir)
+    return str(output_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_dir(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("synthetic_textvqa")
+    run_script("scripts/make_synthetic_data.py", "--output_dir", output_dir, "--num_samples", 40, "--seed", 1)
+    return str(output_dir)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)

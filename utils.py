@@ -1,0 +1,216 @@
+"""Helpers shared by conversion, training and inference, so the three can never drift apart.
+
+Coordinate convention everywhere: boxes are [x1, y1, x2, y2] in pixel-edge coordinates of one
+image frame (0 <= x1 < x2 <= width). Three frames exist:
+  original  the image file on disk (what the converter writes and what metrics use);
+  model     the exact size the model sees: the image scaled so its longer side is
+            `max_image_side`, then snapped by Qwen2.5-VL's smart_resize to multiples of
+            patch_size * merge_size within [min_pixels, max_pixels].
+Training targets are boxes in the model frame; predictions are mapped back to the original frame.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.ops import box_iou
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+IGNORE_INDEX = -100
+IMAGE_SETTINGS_FILE = "grounding_image_settings.json"
+# The tutorial's instruction, appended to every question at training and inference time.
+PROMPT_SUFFIX = (
+    "Please enclose the corresponding positions using coordinate boxes. "
+    "Examples of coordinate value formats: [x1,y1,x2,y2]."
+)
+
+
+# ---------------------------------------------------------------- prompts and answers
+def build_messages(question: str) -> list[dict]:
+    """One user turn: the image placeholder, then the question with the grounding instruction."""
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": f"{question.strip()} {PROMPT_SUFFIX}"}],
+        }
+    ]
+
+
+def format_answer(box) -> str:
+    """The assistant's answer for a box, in Qwen2.5-VL's grounding format."""
+    return json.dumps({"bbox_2d": [int(round(v)) for v in box]})
+
+
+def read_answer_box(answer: str) -> list[float]:
+    """Strictly parse a dataset answer `{"bbox_2d": [x1, y1, x2, y2]}`; raise ValueError otherwise."""
+    try:
+        box = json.loads(answer)["bbox_2d"]
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise ValueError(f'answer is not JSON with a "bbox_2d" key: {answer!r}') from error
+    if not valid_box_values(box):
+        raise ValueError(f"bbox_2d must be 4 finite numbers, got {box!r}")
+    return [float(v) for v in box]
+
+
+def valid_box_values(box) -> bool:
+    return (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+    )
+
+
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_BOX_LIST = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
+
+
+def parse_bbox(text: str) -> list[float] | None:
+    """The first box in a model's output, or None if there is none.
+
+    Accepts, in order: the trained format {"bbox_2d": [...]} (possibly inside a list or with text
+    around it, e.g. a ```json fence), then the first bare [x1, y1, x2, y2] list in the text.
+    """
+    for candidate in _json_candidates(text):
+        box = _find_bbox_2d(candidate)
+        if box is not None:
+            return box
+    match = _BOX_LIST.search(text)
+    return [float(v) for v in match.groups()] if match else None
+
+
+def _json_candidates(text: str):
+    decoder = json.JSONDecoder()
+    for start, char in enumerate(text):
+        if char in "{[":
+            try:
+                yield decoder.raw_decode(text, start)[0]
+            except json.JSONDecodeError:
+                continue
+
+
+def _find_bbox_2d(value):
+    if isinstance(value, dict):
+        box = value.get("bbox_2d")
+        return [float(v) for v in box] if valid_box_values(box) else None
+    if isinstance(value, list):
+        for item in value:
+            box = _find_bbox_2d(item)
+            if box is not None:
+                return box
+    return None
+
+
+# ---------------------------------------------------------------- images and frames
+@dataclass
+class ImageSettings:
+    """How images are sized for the model. Saved beside a trained model so inference reuses it."""
+
+    max_image_side: int
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+
+    @classmethod
+    def from_processor(cls, processor, max_image_side: int) -> "ImageSettings":
+        image_processor = processor.image_processor
+        return cls(
+            max_image_side=int(max_image_side),
+            min_pixels=int(image_processor.size["shortest_edge"]),
+            max_pixels=int(image_processor.size["longest_edge"]),
+            patch_size=int(image_processor.patch_size),
+            merge_size=int(image_processor.merge_size),
+        )
+
+    def save(self, directory: str) -> None:
+        write_json_atomic(os.path.join(directory, IMAGE_SETTINGS_FILE), asdict(self))
+
+    @classmethod
+    def load(cls, directory: str) -> "ImageSettings | None":
+        path = os.path.join(directory, IMAGE_SETTINGS_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def model_frame_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """(width, height) of the image the model sees: longer side to max_image_side, then smart_resize."""
+    scale = settings.max_image_side / max(width, height)
+    target_height = max(1, round(height * scale))
+    target_width = max(1, round(width * scale))
+    frame_height, frame_width = smart_resize(
+        target_height,
+        target_width,
+        factor=settings.patch_size * settings.merge_size,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
+    )
+    return frame_width, frame_height
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB (L, P, RGBA, CMYK... converted); a clear error names the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"image not found: {path}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}. Re-export or remove this sample.") from error
+
+
+def to_model_frame(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    """Resize once, straight to the model frame, so the processor's own resize is a no-op."""
+    size = model_frame_size(*image.size, settings)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def scale_box(box, from_size: tuple[int, int], to_size: tuple[int, int]) -> list[float]:
+    """Scale an [x1, y1, x2, y2] box per axis from one (width, height) frame to another."""
+    scale_x = to_size[0] / from_size[0]
+    scale_y = to_size[1] / from_size[1]
+    x1, y1, x2, y2 = box
+    return [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
+
+
+def clip_box(box, size: tuple[int, int]) -> list[float]:
+    width, height = size
+    x1, y1, x2, y2 = box
+    return [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]
+
+
+def box_to_model_frame(box, original_size, model_size) -> list[int]:
+    """Training target: the original-pixel box in the model frame, rounded to whole pixels."""
+    return [int(round(v)) for v in clip_box(scale_box(box, original_size, model_size), model_size)]
+
+
+def box_to_original_frame(box, model_size, original_size) -> list[float]:
+    """Inverse of box_to_model_frame for a predicted box, clipped to the original image."""
+    return [round(v, 2) for v in clip_box(scale_box(box, model_size, original_size), original_size)]
+
+
+def box_ious(predicted_boxes, true_boxes) -> list[float]:
+    """IoU of each predicted box with its own true box; a missing prediction (None) scores 0."""
+    ious = []
+    for predicted, true in zip(predicted_boxes, true_boxes):
+        if predicted is None:
+            ious.append(0.0)
+            continue
+        x1, y1, x2, y2 = predicted
+        predicted = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]  # a flipped box is still a box
+        ious.append(float(box_iou(torch.tensor([predicted], dtype=torch.float64), torch.tensor([true], dtype=torch.float64))[0, 0]))
+    return ious
+
+
+# ---------------------------------------------------------------- files
+def write_json_atomic(path: str, value) -> None:
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp_path, path)
