@@ -209,6 +209,36 @@ def box_ious(predicted_boxes, true_boxes) -> list[float]:
 
 
 # ---------------------------------------------------------------- files
+def load_sft_jsonl(path: str) -> list[dict]:
+    """Read the converter's JSONL into rows {"image": [abs path], "user": query, "assistant": response}.
+
+    Image paths are resolved relative to the JSONL's folder, so a dataset dir can be moved.
+    A malformed line raises ValueError naming the file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}. Run scripts/convert2sft_format.py first.")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                images, query, response = record["image"], record["query"], record["response"]
+                if isinstance(images, str):
+                    images = [images]
+                if len(images) != 1 or not isinstance(query, str) or not isinstance(response, str):
+                    raise ValueError("expected one image path, a query string and a response string")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"{path}:{line_number}: bad line ({error}); expected "
+                    '{"image": [path], "query": str, "response": "{\\"bbox_2d\\": [...]}"}'
+                ) from error
+            rows.append({"image": [os.path.join(base_dir, images[0])], "user": query, "assistant": response})
+    return rows
+
+
 def write_json_atomic(path: str, value) -> None:
     tmp_path = f"{path}.tmp"
     with open(tmp_path, "w") as f:
