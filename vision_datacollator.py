@@ -1,0 +1,171 @@
+"""Turn converter rows into Qwen2.5-VL training batches.
+
+Each row {"image": [path], "user": question, "assistant": '{"bbox_2d": [x1, y1, x2, y2]}'} (box in
+original pixels) becomes: the image resized once, straight to the frame the model sees; the box
+scaled per axis to that frame; the chat prompt; labels on the answer only; and 3D mRoPE position
+ids computed by transformers' own `get_rope_index`.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+from utils import (
+    IGNORE_INDEX,
+    ImageSettings,
+    box_to_model_frame,
+    build_messages,
+    format_answer,
+    load_image,
+    read_answer_box,
+    to_model_frame,
+)
+
+logger = logging.getLogger(__name__)
+PADDING_MODES = ("max_length", "longest", "packed")
+TOO_LONG_ACTIONS = ("drop", "raise")
+
+
+class _RopeIndex:
+    """transformers' `Qwen2_5_VLModel.get_rope_index`, callable without loading the model:
+    for images it reads only `spatial_merge_size` from the config (`tokens_per_second` is video-only)."""
+
+    get_rope_index = Qwen2_5_VLModel.get_rope_index
+    get_vision_position_ids = Qwen2_5_VLModel.get_vision_position_ids
+
+    def __init__(self, spatial_merge_size: int):
+        self.config = SimpleNamespace(
+            vision_config=SimpleNamespace(spatial_merge_size=spatial_merge_size, tokens_per_second=None)
+        )
+
+    def __call__(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask=None):
+        position_ids, _ = self.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        return position_ids
+
+
+class Qwen2_5VLCollator:
+    """padding: "max_length" (every row padded to max_seq_length, the tutorial's), "longest" (pad to
+    the longest row of the batch) or "packed" (one row, no padding; position ids in the (4, 1, L)
+    form that transformers reads as packed, so attention never crosses samples).
+    too_long: a sample longer than max_seq_length is never truncated (that would cut image
+    tokens); it is dropped with a warning and counted in `num_dropped`, or raises."""
+
+    def __init__(self, processor, max_seq_length=1024, max_img_side_length=1024, padding="longest", too_long="drop"):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if too_long not in TOO_LONG_ACTIONS:
+            raise ValueError(f"too_long must be one of {TOO_LONG_ACTIONS}, got {too_long!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_seq_length = max_seq_length
+        self.padding = padding
+        self.too_long = too_long
+        self.image_settings = ImageSettings.from_processor(processor, max_img_side_length)
+        self.rope_index = _RopeIndex(self.image_settings.merge_size)
+        self.num_dropped = 0
+
+    def encode(self, example) -> dict | None:
+        """One sample as unpadded tensors, or None if it is too long and dropped."""
+        image_path = example["image"][0]
+        image = load_image(image_path)
+        original_size = image.size
+        image = to_model_frame(image, self.image_settings)
+        try:
+            box = read_answer_box(example["assistant"])
+        except ValueError as error:
+            raise ValueError(f"sample with image {image_path}: {error}") from error
+        answer = format_answer(box_to_model_frame(box, original_size, image.size))
+
+        prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
+        prompt_inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
+        grid_t, grid_h, grid_w = prompt_inputs["image_grid_thw"][0].tolist()
+        patch = self.image_settings.patch_size
+        if (grid_w * patch, grid_h * patch) != image.size:
+            raise RuntimeError(f"{image_path}: processor resized {image.size} to {(grid_w * patch, grid_h * patch)}")
+        # The answer is appended as token ids, exactly as generation will produce it after the prompt.
+        answer_ids = self.tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        prompt_ids = prompt_inputs["input_ids"][0]
+        length = len(prompt_ids) + len(answer_ids)
+        if length > self.max_seq_length:
+            message = (
+                f"sample with image {image_path} has {length} tokens > max_seq_length={self.max_seq_length}; "
+                "raise max_seq_length or lower max_image_side"
+            )
+            if self.too_long == "raise":
+                raise ValueError(message)
+            self.num_dropped += 1
+            logger.warning("%s: dropped (%d dropped so far)", message, self.num_dropped)
+            return None
+        return {
+            "input_ids": torch.cat([prompt_ids, answer_ids]),
+            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
+            "mm_token_type_ids": torch.cat(
+                [prompt_inputs["mm_token_type_ids"][0], torch.zeros_like(answer_ids, dtype=torch.int)]
+            ),
+            "pixel_values": prompt_inputs["pixel_values"],
+            "image_grid_thw": prompt_inputs["image_grid_thw"],
+        }
+
+    def __call__(self, examples):
+        samples = [sample for sample in map(self.encode, examples) if sample is not None]
+        if not samples:
+            raise ValueError(
+                f"every sample of this batch exceeds max_seq_length={self.max_seq_length}; "
+                "raise max_seq_length or lower max_image_side"
+            )
+        batch = {
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
+        }
+        if self.padding == "packed":
+            return batch | self._pack(samples)
+        return batch | self._pad(samples)
+
+    def _pad(self, samples):
+        length = self.max_seq_length if self.padding == "max_length" else max(len(s["input_ids"]) for s in samples)
+
+        def pad(tensors, value):  # right padding, as training expects
+            return torch.stack([torch.nn.functional.pad(t, (0, length - len(t)), value=value) for t in tensors])
+
+        input_ids = pad([s["input_ids"] for s in samples], self.tokenizer.pad_token_id)
+        attention_mask = pad([torch.ones_like(s["input_ids"]) for s in samples], 0)
+        mm_token_type_ids = pad([s["mm_token_type_ids"] for s in samples], 0)
+        image_grid_thw = torch.cat([s["image_grid_thw"] for s in samples])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": pad([s["labels"] for s in samples], IGNORE_INDEX),
+            "mm_token_type_ids": mm_token_type_ids,
+            "position_ids": self.rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask),
+        }
+
+    def _pack(self, samples):
+        # mRoPE rows per sample (each restarts at 0), plus a plain text-position row on top: the
+        # (4, 1, L) form makes transformers build a block-diagonal causal mask from restarts.
+        position_ids = torch.cat(
+            [
+                torch.cat(
+                    [
+                        torch.arange(len(s["input_ids"])).view(1, 1, -1),
+                        self.rope_index(s["input_ids"][None], s["mm_token_type_ids"][None], s["image_grid_thw"]),
+                    ]
+                )
+                for s in samples
+            ],
+            dim=2,
+        )
+        return {
+            "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+            "labels": torch.cat([s["labels"] for s in samples])[None],
+            "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
+            "position_ids": position_ids,
+            # transformers only builds the per-sample mask from position ids when no KV cache exists.
+            "use_cache": False,
+        }
+
+
+vision_data_collator_map = {"Qwen2_5VLCollator": Qwen2_5VLCollator}
