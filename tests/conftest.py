@@ -41,3 +41,25 @@ def processor(tiny_model_dir):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def rows_from_dataset(dataset_dir, image_dir, limit=None):
+    """Collator rows (as utils.load_sft_jsonl returns them) straight from a TextVQA-schema dataset."""
+    import datasets
+
+    from utils import format_answer
+
+    os.makedirs(image_dir, exist_ok=True)
+    dataset = datasets.load_dataset(str(dataset_dir), split="train")
+    rows = []
+    for index, record in enumerate(dataset.select(range(limit or len(dataset)))):
+        path = os.path.join(image_dir, f"{index:06d}.png")
+        record["image"].save(path)
+        x, y, width, height = record["bbox"]
+        rows.append({"image": [path], "user": record["question"], "assistant": format_answer([x, y, x + width, y + height])})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def collator_rows(synthetic_dataset_dir, tmp_path_factory):
+    return rows_from_dataset(synthetic_dataset_dir, tmp_path_factory.mktemp("collator_images"), limit=12)

@@ -1,0 +1,214 @@
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from conftest import rows_from_dataset, run_script
+from utils import IGNORE_INDEX, load_image, read_answer_box
+from vision_datacollator import Qwen2_5VLCollator
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+def test_rows_cover_sizes_and_orientations(collator_rows):
+    sizes = [Image.open(row["image"][0]).size for row in collator_rows]
+    assert min(min(s) for s in sizes) < 400 and max(max(s) for s in sizes) > 900
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+
+
+@pytest.mark.parametrize("max_side", [224, 448])
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_position_ids_equal_transformers_get_rope_index(model, processor, collator_rows, max_side, padding):
+    collator = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding=padding)
+    for start in range(0, len(collator_rows), 4):
+        batch = collator(collator_rows[start : start + 4])
+        reference, _ = model.model.get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+        )
+        real = batch["attention_mask"].bool()
+        assert torch.equal(batch["position_ids"][:, real], reference[:, real])
+        if padding == "max_length":
+            assert batch["input_ids"].shape[1] == 2048
+
+
+@pytest.mark.parametrize("max_side", [224, 448])
+def test_packed_position_ids_restart_per_sample(model, processor, collator_rows, max_side):
+    rows = collator_rows[:5]
+    batch = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding="packed")(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert batch["position_ids"].shape == (4, 1, batch["input_ids"].shape[1])
+    single = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding="longest")
+    offset = 0
+    for row in rows:
+        alone = single([row])
+        length = alone["input_ids"].shape[1]
+        reference, _ = model.model.get_rope_index(alone["input_ids"], alone["mm_token_type_ids"], alone["image_grid_thw"])
+        packed_slice = batch["position_ids"][:, 0, offset : offset + length]
+        assert torch.equal(packed_slice[1:], reference[:, 0])
+        assert torch.equal(packed_slice[0], torch.arange(length))
+        assert torch.equal(batch["input_ids"][0, offset : offset + length], alone["input_ids"][0])
+        offset += length
+    assert offset == batch["input_ids"].shape[1]  # no padding at all
+
+
+@pytest.mark.parametrize("max_side", [224, 448, 1024])
+def test_label_box_is_original_box_in_model_frame(processor, collator_rows, max_side):
+    collator = Qwen2_5VLCollator(processor, max_seq_length=8192, max_img_side_length=max_side)
+    batch = collator(collator_rows)
+    patch = processor.image_processor.patch_size
+    for index, row in enumerate(collator_rows):
+        labels = batch["labels"][index]
+        answer_ids = labels[labels != IGNORE_INDEX]
+        # Everything up to and including "<|im_start|>assistant\n" is masked; the answer and <|im_end|> are learned.
+        assert processor.tokenizer.decode(answer_ids[-1:]) == "<|im_end|>"
+        first_label = int((labels != IGNORE_INDEX).nonzero()[0])
+        assert processor.tokenizer.decode(batch["input_ids"][index, :first_label]).endswith("<|im_start|>assistant\n")
+        learned_box = read_answer_box(processor.tokenizer.decode(answer_ids[:-1]))
+        _, grid_h, grid_w = batch["image_grid_thw"][index].tolist()
+        original_size = Image.open(row["image"][0]).size
+        x1, y1, x2, y2 = read_answer_box(row["assistant"])
+        scale_x, scale_y = grid_w * patch / original_size[0], grid_h * patch / original_size[1]
+        expected = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
+        assert max(abs(a - b) for a, b in zip(learned_box, expected)) <= 1.0
+
+
+def per_sample_losses(model, batch, sample_slices):
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    losses = []
+    for row, span in sample_slices:
+        token_losses = F.cross_entropy(
+            logits[row, span][:-1], batch["labels"][row, span][1:], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        losses.append(float(token_losses))
+    return losses
+
+
+def test_packed_loss_equals_longest_loss_per_sample(model, processor, collator_rows):
+    rows = collator_rows[:4]
+    longest = Qwen2_5VLCollator(processor, max_img_side_length=224, padding="longest")(rows)
+    packed = Qwen2_5VLCollator(processor, max_img_side_length=224, padding="packed")(rows)
+    lengths = longest["attention_mask"].sum(1).tolist()
+    longest_losses = per_sample_losses(model, longest, [(i, slice(0, n)) for i, n in enumerate(lengths)])
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    packed_losses = per_sample_losses(model, packed, [(0, slice(s, s + n)) for s, n in zip(starts, lengths)])
+    assert packed_losses == pytest.approx(longest_losses, rel=1e-4, abs=1e-4)
+    # And the batch loss the Trainer sees is the same.
+    with torch.no_grad():
+        assert float(model(**packed).loss) == pytest.approx(float(model(**longest).loss), rel=1e-4)
+
+
+def test_too_long_samples_are_dropped_and_counted_or_raise(processor, collator_rows, caplog):
+    rows = collator_rows[:4]
+    lengths = Qwen2_5VLCollator(processor, max_img_side_length=448)(rows)["attention_mask"].sum(1).tolist()
+    limit = sorted(lengths)[1]  # the two shortest fit, the rest do not
+    collator = Qwen2_5VLCollator(processor, max_seq_length=limit, max_img_side_length=448, padding="max_length")
+    with caplog.at_level(logging.WARNING):
+        batch = collator(rows)
+    kept = sum(n <= limit for n in lengths)
+    assert batch["input_ids"].shape == (kept, limit)
+    assert collator.num_dropped == len(rows) - kept
+    too_long_path = rows[lengths.index(max(lengths))]["image"][0]
+    assert too_long_path in caplog.text
+    # image tokens are never cut: every kept row holds all its image tokens
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expected_tokens = batch["image_grid_thw"].prod(-1) // 4
+    assert torch.equal((batch["input_ids"] == image_token_id).sum(1), expected_tokens)
+
+    raising = Qwen2_5VLCollator(processor, max_seq_length=limit, max_img_side_length=448, too_long="raise")
+    with pytest.raises(ValueError, match="max_seq_length"):
+        raising(rows)
+    with pytest.raises(ValueError, match="every sample"):
+        Qwen2_5VLCollator(processor, max_seq_length=10, max_img_side_length=448)(rows)
+
+
+def test_bad_inputs_give_clear_errors(processor, collator_rows, tmp_path):
+    collator = Qwen2_5VLCollator(processor, max_img_side_length=224)
+    good = collator_rows[0]
+    missing = str(tmp_path / "missing.jpg")
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        collator([{**good, "image": [missing]}])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(ValueError, match="corrupt.jpg"):
+        collator([{**good, "image": [str(corrupt)]}])
+    for answer in ["not json", '{"box": [1, 2, 3, 4]}', '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": [1, 2, NaN, 4]}', '{"bbox_2d": [1, "2", 3, 4]}']:
+        with pytest.raises(ValueError, match=good["image"][0]):
+            collator([{**good, "assistant": answer}])
+    with pytest.raises(ValueError, match="padding"):
+        Qwen2_5VLCollator(processor, padding="right")
+
+
+def test_image_modes_are_converted(processor, collator_rows, tmp_path):
+    collator = Qwen2_5VLCollator(processor, max_img_side_length=224)
+    row = collator_rows[0]
+    rgb = Image.open(row["image"][0])
+    reference = collator([row])
+    for mode, suffix in [("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg")]:
+        path = str(tmp_path / f"image_{mode}.{suffix}")
+        rgb.convert(mode).save(path)
+        batch = collator([{**row, "image": [path]}])
+        assert torch.equal(batch["image_grid_thw"], reference["image_grid_thw"])
+        assert torch.equal(batch["labels"], reference["labels"])
+        assert torch.isfinite(batch["pixel_values"]).all()
+
+
+def image_from_pixel_values(processor, pixel_values, grid_thw) -> Image.Image:
+    """Undo the processor's patchify + normalisation: the exact picture the vision tower receives."""
+    image_processor = processor.image_processor
+    patch, merge, temporal = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    _, grid_h, grid_w = grid_thw.tolist()
+    patches = pixel_values.view(grid_h // merge, grid_w // merge, merge, merge, 3, temporal, patch, patch)[:, :, :, :, :, 0]
+    pixels = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, grid_h * patch, grid_w * patch)
+    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+    pixels = ((pixels * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def test_picture_target_box_sits_on_object_edges(processor, tmp_path):
+    """Draw the learned box on what the model sees; the box edges must be the square's edges."""
+    dataset_dir = tmp_path / "squares"
+    run_script(
+        "scripts/make_synthetic_data.py", "--output_dir", dataset_dir, "--num_samples", 6, "--seed", 7,
+        "--shapes", "square", "--max_distractors", "0", "--min_object", "0.3",
+    )  # fmt: skip
+    rows = rows_from_dataset(dataset_dir, tmp_path / "images")
+    collator = Qwen2_5VLCollator(processor, max_img_side_length=336)
+    batch = collator(rows)
+    offset = 0
+    for index, row in enumerate(rows):
+        grid = batch["image_grid_thw"][index]
+        num_patches = int(grid.prod())
+        seen = image_from_pixel_values(processor, batch["pixel_values"][offset : offset + num_patches], grid)
+        offset += num_patches
+        labels = batch["labels"][index]
+        x1, y1, x2, y2 = json.loads(processor.tokenizer.decode(labels[labels != IGNORE_INDEX][:-1]))["bbox_2d"]
+        picture = seen.copy()
+        ImageDraw.Draw(picture).rectangle((x1, y1, x2 - 1, y2 - 1), outline=(255, 0, 255))
+        picture.save(tmp_path / f"target_box_{index}.png")
+
+        original = load_image(row["image"][0])
+        ox, oy = read_answer_box(row["assistant"])[:2]
+        object_color = original.getpixel((int(ox) + 3, int(oy) + 3))
+        corner = (0, 0) if (ox, oy) != (0, 0) else (original.size[0] - 1, original.size[1] - 1)
+        background = original.getpixel(corner)
+
+        def close(pixel, color):
+            return max(abs(a - b) for a, b in zip(pixel, color)) <= 40
+
+        middle_x, middle_y = (x1 + x2) // 2, (y1 + y2) // 2
+        inside = [(x1 + 2, middle_y), (x2 - 3, middle_y), (middle_x, y1 + 2), (middle_x, y2 - 3)]
+        outside = [(x1 - 3, middle_y), (x2 + 2, middle_y), (middle_x, y1 - 3), (middle_x, y2 + 2)]
+        for point in inside:
+            assert close(seen.getpixel(point), object_color), (index, point, "inside the box should be the square")
+        for point in outside:
+            if 0 <= point[0] < seen.size[0] and 0 <= point[1] < seen.size[1]:
+                assert close(seen.getpixel(point), background), (index, point, "outside the box should be background")
