@@ -66,19 +66,22 @@ def valid_box_values(box) -> bool:
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _BOX_LIST = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
+# Qwen2-VL's grounding form "<|box_start|>(x1,y1),(x2,y2)<|box_end|>" (the tags vanish when decoding skips special tokens).
+_BOX_POINTS = re.compile(rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,?\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)")
 
 
 def parse_bbox(text: str) -> list[float] | None:
     """The first box in a model's output, or None if there is none.
 
     Accepts, in order: the trained format {"bbox_2d": [...]} (possibly inside a list or with text
-    around it, e.g. a ```json fence), then the first bare [x1, y1, x2, y2] list in the text.
+    around it, e.g. a ```json fence), then the first bare [x1, y1, x2, y2] list in the text, then
+    Qwen2-VL's (x1,y1),(x2,y2) point pair.
     """
     for candidate in _json_candidates(text):
         box = _find_bbox_2d(candidate)
         if box is not None:
             return box
-    match = _BOX_LIST.search(text)
+    match = _BOX_LIST.search(text) or _BOX_POINTS.search(text)
     return [float(v) for v in match.groups()] if match else None
 
 
