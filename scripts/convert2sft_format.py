@@ -1,0 +1,216 @@
+"""Convert TextVQA_GT_bbox into the query/response JSONL that sft.py trains on.
+
+    python scripts/convert2sft_format.py --data_path DIR_OR_ID --save_path data --type all
+
+writes data/train.jsonl, data/test.jsonl, the images under data/train/ and data/test/, and
+data/skipped_{train,test}.jsonl listing the rows left out. One JSONL line:
+
+    {"image": ["train/000123.jpg"], "query": "what is ...?", "response": "{\"bbox_2d\": [x1, y1, x2, y2]}"}
+
+Image paths are relative to the JSONL's folder; images are RGB at their original size, named by
+their 0-based dataset row. The box is in original pixels, pixel edges (0 <= x1 < x2 <= width):
+TextVQA stores [x, y, width, height], so x2 = x + width. Corners are rounded outwards (x1, y1
+down, x2, y2 up) so the box never shrinks, then clipped to the image.
+
+--data_path takes: a local dir of parquet shards (Hub layout data/train-*.parquet, or a ModelScope
+download, whose legacy dataset_infos.json is ignored, never edited), a `save_to_disk` dir, a
+Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a ModelScope id
+(Tina12345/textVQA_groundingtask_bbox).
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+from multiprocessing import Pool
+
+import torch
+from datasets import Image, load_dataset, load_from_disk
+from PIL.Image import DecompressionBombError, UnidentifiedImageError
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import clip_box, format_answer, valid_box_values  # noqa: E402
+
+SPLITS = ("train", "test")
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'3000:3100' -> (3000, 3100); an empty end means the end of the dataset."""
+    start, sep, end = text.partition(":")
+    if not sep or not (start or "0").isdigit() or not (end or "0").isdigit():
+        raise argparse.ArgumentTypeError(f"expected START:END row indices, e.g. 0:3000, got {text!r}")
+    return int(start or 0), int(end) if end else None
+
+
+def load_source(data_path: str, hub: str):
+    """The dataset's one split as a Dataset, from any of the layouts in the module docstring."""
+    if os.path.isdir(data_path):
+        return load_local(data_path)
+    if os.path.isabs(data_path) or data_path.startswith(".") or data_path.count("/") != 1:
+        raise SystemExit(f"--data_path {data_path}: no such directory, and not a dataset id like owner/name")
+    if hub == "modelscope":
+        from modelscope import dataset_snapshot_download
+
+        return load_local(dataset_snapshot_download(data_path))
+    return load_dataset(data_path, split="train")
+
+
+def load_local(directory: str):
+    if os.path.isfile(os.path.join(directory, "state.json")) or os.path.isfile(
+        os.path.join(directory, "dataset_dict.json")
+    ):
+        dataset = load_from_disk(directory)
+        if isinstance(dataset, dict):  # a saved DatasetDict
+            if "train" not in dataset:
+                raise SystemExit(f"{directory}: saved DatasetDict has splits {list(dataset)}, expected 'train'")
+            dataset = dataset["train"]
+        return dataset
+    if not glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True):
+        raise SystemExit(
+            f"{directory}: no *.parquet shards and no save_to_disk files (state.json) found. Expected the "
+            "Hub/ModelScope layout (data/train-*.parquet) or a datasets.save_to_disk directory."
+        )
+    # The parquet builder reads the shards (and their embedded features) directly, so a legacy
+    # dataset_infos.json beside them, e.g. the ModelScope uploader's whose Values lack "dtype"
+    # (TypeError in load_dataset(dir) as of datasets 5.2), is never read nor touched.
+    return load_dataset("parquet", data_dir=directory, split="train")
+
+
+# ---------------------------------------------------------------- one row, in a worker process
+_dataset = _split = _image_dir = _bbox_format = None
+
+
+def init_worker(dataset, split, image_dir, bbox_format):
+    global _dataset, _split, _image_dir, _bbox_format
+    _dataset, _split, _image_dir, _bbox_format = dataset, split, image_dir, bbox_format
+
+
+def init_pool_worker(*args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    init_worker(*args)
+
+
+def convert_row(index: int) -> tuple[int, dict | None, str | None]:
+    """(index, JSONL record, None) for a good row, (index, None, reason) for a bad one."""
+    row = _dataset[index]
+    question = row["question"]
+    if not isinstance(question, str) or not question.strip():
+        return index, None, f"missing question: {question!r}"
+    if not valid_box_values(row["bbox"]):
+        return index, None, f"bbox is not 4 finite numbers: {row['bbox']!r}"
+    box = torch.tensor(row["bbox"], dtype=torch.float64)
+    if _bbox_format == "xywh":
+        box = box_convert(box, "xywh", "xyxy")
+    x1, y1, x2, y2 = box.tolist()
+    if x2 <= x1 or y2 <= y1:
+        return index, None, f"zero or negative size: bbox {row['bbox']!r} ({_bbox_format})"
+    try:  # the same decoding load_dataset does (EXIF orientation applied), then RGB
+        image = Image(mode="RGB").decode_example(row["image"])
+    except UnidentifiedImageError:  # its message holds a memory address: keep the reason reproducible
+        return index, None, "unreadable image: not in any format PIL can identify"
+    except (OSError, ValueError, SyntaxError, DecompressionBombError) as error:  # what PIL raises on bad bytes
+        return index, None, f"unreadable image: {type(error).__name__}: {error}"
+    x1, y1, x2, y2 = clip_box([math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)], image.size)
+    if x2 <= x1 or y2 <= y1:
+        width, height = image.size
+        return index, None, f"bbox {row['bbox']!r} ({_bbox_format}) lies outside the {width}x{height} image"
+    name = f"{index:06d}.jpg"
+    image.save(os.path.join(_image_dir, name), quality=95)
+    record = {"image": [f"{_split}/{name}"], "query": question, "response": format_answer([x1, y1, x2, y2])}
+    return index, record, None
+
+
+# ---------------------------------------------------------------- one split
+def convert_split(dataset, split: str, rows: range, save_path: str, bbox_format: str, num_workers: int) -> None:
+    jsonl_path = os.path.join(save_path, f"{split}.jsonl")
+    skipped_path = os.path.join(save_path, f"skipped_{split}.jsonl")
+    image_dir = os.path.join(save_path, split)
+    # Everything is written under *.partial names first and renamed at the end, so an interrupted
+    # run never leaves a JSONL that looks complete. Leftovers of such a run are cleared here.
+    partial_dir = image_dir + ".partial"
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    os.makedirs(partial_dir)
+
+    worker_args = (dataset, split, partial_dir, bbox_format)
+    pool = Pool(num_workers, initializer=init_pool_worker, initargs=worker_args) if num_workers > 1 else None
+    if pool is None:
+        init_worker(*worker_args)
+    results = pool.imap(convert_row, rows, chunksize=4) if pool else map(convert_row, rows)
+    num_written = num_skipped = 0
+    try:
+        with (
+            open(jsonl_path + ".partial", "w", encoding="utf-8") as jsonl,
+            open(skipped_path + ".partial", "w", encoding="utf-8") as skipped,
+        ):
+            for index, record, reason in tqdm(results, total=len(rows), desc=f"{split} rows {rows.start}:{rows.stop}"):
+                if record is None:
+                    skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
+                    num_skipped += 1
+                else:
+                    jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    num_written += 1
+    finally:
+        if pool:
+            pool.terminate()
+
+    # The JSONL appears last: until then a crash leaves no complete-looking output.
+    if os.path.exists(jsonl_path):
+        os.remove(jsonl_path)
+    shutil.rmtree(image_dir, ignore_errors=True)
+    os.replace(partial_dir, image_dir)
+    os.replace(skipped_path + ".partial", skipped_path)
+    os.replace(jsonl_path + ".partial", jsonl_path)
+    print(f"{split}: {num_written} rows -> {jsonl_path}; skipped {num_skipped} bad rows (listed in {skipped_path})")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", required=True, help="local dir (parquet shards or save_to_disk) or dataset id")
+    parser.add_argument("--save_path", required=True, help="output dir for {split}.jsonl and images")
+    parser.add_argument("--type", choices=["train", "test", "all"], default="all", help="which split(s) to write")
+    parser.add_argument("--train_range", type=parse_range, default="0:3000", help="dataset rows START:END of train")
+    parser.add_argument("--test_range", type=parse_range, default="3000:3100", help="dataset rows START:END of test")
+    parser.add_argument("--bbox_format", choices=["xywh", "xyxy"], default="xywh", help="how the source stores bbox")
+    parser.add_argument("--hub", choices=["huggingface", "modelscope"], default="huggingface", help="for dataset ids")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes saving images")
+    args = parser.parse_args()
+
+    dataset = load_source(args.data_path, args.hub)
+    missing = {"image", "question", "bbox"} - set(dataset.column_names)
+    if missing:
+        raise SystemExit(f"{args.data_path}: missing columns {sorted(missing)}; found {dataset.column_names}")
+    if isinstance(dataset.features["image"], Image):
+        dataset = dataset.cast_column("image", Image(decode=False))  # workers decode, in parallel
+
+    ranges = {split: range(start, len(dataset) if end is None else end) for split, (start, end) in
+              (("train", args.train_range), ("test", args.test_range))}  # fmt: skip
+    train, test = ranges["train"], ranges["test"]
+    if train.start < test.stop and test.start < train.stop:
+        raise SystemExit(
+            f"--train_range {train.start}:{train.stop} overlaps --test_range {test.start}:{test.stop}: "
+            "test rows would be trained on. Set both ranges."
+        )
+    splits = SPLITS if args.type == "all" else (args.type,)
+    for split in splits:
+        if not 0 <= ranges[split].start < ranges[split].stop <= len(dataset):
+            raise SystemExit(
+                f"--{split}_range {ranges[split].start}:{ranges[split].stop} is not inside the dataset's "
+                f"{len(dataset)} rows"
+            )
+
+    os.makedirs(args.save_path, exist_ok=True)
+    try:
+        for split in splits:
+            convert_split(dataset, split, ranges[split], args.save_path, args.bbox_format, args.num_workers)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: the split in progress left only *.partial files, cleared by a rerun") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""scripts/convert2sft_format.py, run as a user would, on the three local layouts of one small
+TextVQA-schema dataset: the synthetic rows plus bad and edge-case rows mixed in."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+from datasets import Dataset, load_dataset
+from PIL import Image
+
+from conftest import REPO_DIR, run_script
+from utils import load_sft_jsonl
+
+SCRIPT = "scripts/convert2sft_format.py"
+TRAIN_RANGE, TEST_RANGE = (0, 40), (40, 52)
+# What the ModelScope uploader's dataset_infos.json looks like: old-style Values without "dtype",
+# which made `datasets.load_dataset(dir)` fail and users delete the file.
+LEGACY_DATASET_INFOS = {
+    "textvqa_bbox": {
+        "description": "",
+        "citation": "",
+        "features": {
+            "image": {"_type": "Image"},
+            "question": {"_type": "Value"},
+            "answer": {"feature": {"_type": "Value"}, "_type": "Sequence"},
+            "dataset_id": {"_type": "Value"},
+            "bbox": {"feature": {"_type": "Value"}, "_type": "Sequence"},
+        },
+        "splits": {"train": {"name": "train", "num_bytes": 0, "num_examples": 52, "dataset_name": "textvqa_bbox"}},
+    }
+}
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def special_rows(template: dict) -> list[tuple[dict, object]]:
+    """(row, expected) pairs: expected is the response box, or a word the skip reason must contain."""
+    image = Image.open(io.BytesIO(template["image"]["bytes"]))
+    width, height = image.size
+
+    def row(bbox, question="where is it?", image_bytes=template["image"]["bytes"]):
+        return {**template, "image": {"bytes": image_bytes, "path": None}, "question": question, "bbox": bbox}
+
+    return [
+        (row([10.0, 10.0, 0.0, 20.0]), "zero or negative size"),
+        (row([10.4, 20.6, 30.2, 40.5]), [10, 20, 41, 62]),  # corners rounded outwards: never shrinks
+        (row([float("nan"), 5.0, 10.0, 10.0]), "finite"),
+        (row([width + 5.0, 5.0, 10.0, 10.0]), "outside"),
+        (row([width - 10.0, height - 10.0, 30.0, 30.0]), [width - 10, height - 10, width, height]),  # clipped
+        (row([5.0, 5.0, 10.0, -3.0]), "zero or negative size"),
+        (row([5.0, 5.0, 10.0, 10.0], question="  "), "missing question"),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(image.convert("L"))), [5, 5, 15, 15]),
+        (row([5.0, 5.0, 10.0, 10.0], question=None), "missing question"),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=b"not an image"), "unreadable image"),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(image.convert("RGBA"))), [5, 5, 15, 15]),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=template["image"]["bytes"][:200]), "unreadable image"),
+    ]
+
+
+def write_parquet_shards(dataset: Dataset, directory: str, prefix: str = "") -> None:
+    os.makedirs(os.path.join(directory, prefix), exist_ok=True)
+    for index in range(2):
+        shard = dataset.shard(num_shards=2, index=index, contiguous=True)
+        shard.to_parquet(os.path.join(directory, prefix, f"train-{index:05d}-of-00002.parquet"))
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def convert(data_path, save_path, *extra, env):
+    return run_script(
+        SCRIPT, "--data_path", data_path, "--save_path", save_path, "--type", "all",
+        "--train_range", "{}:{}".format(*TRAIN_RANGE), "--test_range", "{}:{}".format(*TEST_RANGE), *extra, env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def source(synthetic_dataset_dir, tmp_path_factory):
+    """The source rows with their expectations, saved in the Hub, save_to_disk and ModelScope layouts."""
+    root = tmp_path_factory.mktemp("convert_source")
+    synthetic = load_dataset(synthetic_dataset_dir, split="train")
+    features = synthetic.features
+    rows = list(synthetic.cast_column("image", datasets.Image(decode=False)))
+    specials = special_rows(rows[0])
+    all_rows, expected = [], []
+    for index, row in enumerate(rows):
+        x, y, box_w, box_h = row["bbox"]  # synthetic boxes are whole pixels, inside the image
+        all_rows.append(row)
+        expected.append([int(x), int(y), int(x + box_w), int(y + box_h)])
+        if index % 4 == 1 and specials:
+            special, expectation = specials.pop(0)
+            all_rows.append(special)
+            expected.append(expectation)
+    for special, expectation in specials:
+        all_rows.append(special)
+        expected.append(expectation)
+    assert len(all_rows) == TEST_RANGE[1]
+    dataset = Dataset.from_list(all_rows, features=features)
+
+    layouts = {"hub": str(root / "hub"), "disk": str(root / "disk"), "modelscope": str(root / "modelscope")}
+    write_parquet_shards(dataset, layouts["hub"], prefix="data")
+    dataset.save_to_disk(layouts["disk"], num_shards=2)
+    write_parquet_shards(dataset, layouts["modelscope"])
+    with open(os.path.join(layouts["modelscope"], "dataset_infos.json"), "w") as f:
+        json.dump(LEGACY_DATASET_INFOS, f)
+    return {"root": root, "dataset": dataset, "expected": expected, "layouts": layouts}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {"HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("hf_datasets_cache"))}
+
+
+@pytest.fixture(scope="module")
+def converted(source, env):
+    infos_path = os.path.join(source["layouts"]["modelscope"], "dataset_infos.json")
+    infos_hash = sha256(infos_path)
+    outputs, stdouts = {}, {}
+    for name, data_path in source["layouts"].items():
+        outputs[name] = str(source["root"] / f"out_{name}")
+        workers = "2" if name == "hub" else "1"  # the result must not depend on the worker count
+        stdouts[name] = convert(data_path, outputs[name], "--num_workers", workers, env=env).stdout
+    return {"outputs": outputs, "stdouts": stdouts, "infos_path": infos_path, "infos_hash": infos_hash}
+
+
+def read_tree(directory: str) -> dict[str, bytes]:
+    tree = {}
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                tree[os.path.relpath(path, directory)] = f.read()
+    return tree
+
+
+def test_all_layouts_give_identical_output(converted):
+    trees = {name: read_tree(path) for name, path in converted["outputs"].items()}
+    assert {"train.jsonl", "test.jsonl", "skipped_train.jsonl", "skipped_test.jsonl"} < set(trees["hub"])
+    assert len(trees["hub"]) > 40  # the images too
+    assert trees["hub"] == trees["disk"] == trees["modelscope"]
+
+
+def test_modelscope_dataset_infos_untouched_and_really_legacy(source, converted):
+    assert sha256(converted["infos_path"]) == converted["infos_hash"]
+    # the fixture reproduces the users' failure: plain load_dataset(dir) rejects the file
+    with pytest.raises(TypeError, match="dtype"):
+        load_dataset(source["layouts"]["modelscope"], split="train")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_responses_skips_and_images(source, converted, split, tmp_path):
+    output = converted["outputs"]["disk"]
+    rows = range(*(TRAIN_RANGE if split == "train" else TEST_RANGE))
+    good = [index for index in rows if isinstance(source["expected"][index], list)]
+    bad = [index for index in rows if not isinstance(source["expected"][index], list)]
+    assert bad, "every split must exercise skipping"
+
+    with open(os.path.join(output, f"{split}.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["image"] for r in records] == [[f"{split}/{index:06d}.jpg"] for index in good]
+    assert [r["query"] for r in records] == [source["dataset"][index]["question"] for index in good]
+    assert [json.loads(r["response"]) for r in records] == [{"bbox_2d": source["expected"][i]} for i in good]
+
+    with open(os.path.join(output, f"skipped_{split}.jsonl")) as f:
+        skipped = [json.loads(line) for line in f]
+    assert [s["row"] for s in skipped] == bad
+    for entry in skipped:
+        assert source["expected"][entry["row"]] in entry["reason"], entry
+    assert f"{split}: {len(good)} rows" in converted["stdouts"]["disk"]
+    assert f"skipped {len(bad)} bad rows" in converted["stdouts"]["disk"]
+    assert sorted(os.listdir(os.path.join(output, split))) == [f"{index:06d}.jpg" for index in good]
+
+    # Images: RGB, original size, same pixels (up to JPEG loss) as the source row.
+    for index in good:
+        with Image.open(os.path.join(output, split, f"{index:06d}.jpg")) as saved:
+            assert saved.mode == "RGB"
+            source_image = source["dataset"][index]["image"].convert("RGB")
+            assert saved.size == source_image.size
+            difference = np.abs(np.asarray(saved, dtype=np.int16) - np.asarray(source_image, dtype=np.int16))
+            assert difference.mean() < 3, (index, difference.mean())
+
+    # A converted dir can be moved: image paths are relative to the JSONL.
+    moved = shutil.copytree(output, tmp_path / "moved")
+    loaded = load_sft_jsonl(str(moved / f"{split}.jsonl"))
+    assert all(os.path.isfile(row["image"][0]) and str(moved) in row["image"][0] for row in loaded)
+
+
+def test_xyxy_source_gives_the_same_output(source, converted, env, tmp_path):
+    def to_corners(row):
+        x, y, box_w, box_h = row["bbox"]
+        return {"bbox": [x, y, x + box_w, y + box_h]}
+
+    corners = source["dataset"].map(to_corners)
+    write_parquet_shards(corners, str(tmp_path / "xyxy"), prefix="data")
+    convert(tmp_path / "xyxy", tmp_path / "out", "--bbox_format", "xyxy", "--num_workers", "1", env=env)
+    reference = converted["outputs"]["hub"]
+
+    def read(directory, name):
+        with open(os.path.join(directory, name)) as f:
+            return f.read()
+
+    for split in ("train", "test"):
+        assert read(tmp_path / "out", f"{split}.jsonl") == read(reference, f"{split}.jsonl")
+        skipped, reference_skipped = (
+            [json.loads(line)["row"] for line in read(directory, f"skipped_{split}.jsonl").splitlines()]
+            for directory in (tmp_path / "out", reference)
+        )
+        assert skipped == reference_skipped
+
+
+def test_killed_conversion_leaves_no_complete_looking_jsonl(source, env, tmp_path):
+    # 240 rows (the dataset repeated) take a few seconds; kill once a few images are written.
+    big = datasets.concatenate_datasets([source["dataset"].select(range(40))] * 6)
+    write_parquet_shards(big, str(tmp_path / "big"), prefix="data")
+    save_path = tmp_path / "out"
+    arguments = [SCRIPT, "--data_path", str(tmp_path / "big"), "--save_path", str(save_path), "--type", "train"]
+    process = subprocess.Popen(
+        [sys.executable, *arguments, "--train_range", "0:240", "--test_range", "240:", "--num_workers", "2"],
+        cwd=REPO_DIR, env={**os.environ, **env}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        partial_images = save_path / "train.partial"
+        deadline = time.time() + 120
+        while not (partial_images.is_dir() and len(os.listdir(partial_images)) >= 5):
+            assert process.poll() is None, "conversion ended before it could be killed"
+            assert time.time() < deadline, "conversion did not start writing images"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the script and its worker processes, like a crash
+        process.wait()
+    left = sorted(os.listdir(save_path))
+    assert "train.jsonl" not in left and "skipped_train.jsonl" not in left and "train" not in left, left
+    assert "train.jsonl.partial" in left
+
+    result = run_script(*arguments, "--train_range", "0:40", "--test_range", "40:", "--num_workers", "1", env=env)
+    assert sorted(os.listdir(save_path)) == ["skipped_train.jsonl", "train", "train.jsonl"], result.stdout
+    assert len(load_sft_jsonl(str(save_path / "train.jsonl"))) == sum(
+        isinstance(source["expected"][index], list) for index in range(40)
+    )
+
+
+def test_bad_arguments_fail_with_clear_errors(source, env, tmp_path):
+    result = run_script(
+        SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:45",
+        "--test_range", "40:52", env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "overlaps --test_range 40:52" in result.stderr
+    result = run_script(SCRIPT, "--data_path", tmp_path / "missing", "--save_path", tmp_path, env=env, check=False)
+    assert result.returncode != 0 and "no such directory" in result.stderr
+    assert not os.listdir(tmp_path)
