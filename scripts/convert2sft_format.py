@@ -40,7 +40,7 @@ from utils import clip_box, format_answer, valid_box_values  # noqa: E402
 SPLITS = ("train", "test")
 
 
-def parse_range(text: str) -> tuple[int, int]:
+def parse_range(text: str) -> tuple[int, int | None]:
     """'3000:3100' -> (3000, 3100); an empty end means the end of the dataset."""
     start, sep, end = text.partition(":")
     if not sep or not (start or "0").isdigit() or not (end or "0").isdigit():
@@ -62,9 +62,7 @@ def load_source(data_path: str, hub: str):
 
 
 def load_local(directory: str):
-    if os.path.isfile(os.path.join(directory, "state.json")) or os.path.isfile(
-        os.path.join(directory, "dataset_dict.json")
-    ):
+    if any(os.path.isfile(os.path.join(directory, name)) for name in ("state.json", "dataset_dict.json")):
         dataset = load_from_disk(directory)
         if isinstance(dataset, dict):  # a saved DatasetDict
             if "train" not in dataset:
@@ -188,8 +186,9 @@ def main():
     if isinstance(dataset.features["image"], Image):
         dataset = dataset.cast_column("image", Image(decode=False))  # workers decode, in parallel
 
-    ranges = {split: range(start, len(dataset) if end is None else end) for split, (start, end) in
-              (("train", args.train_range), ("test", args.test_range))}  # fmt: skip
+    ranges = {}
+    for split, (start, end) in (("train", args.train_range), ("test", args.test_range)):
+        ranges[split] = range(start, len(dataset) if end is None else end)
     train, test = ranges["train"], ranges["test"]
     if train.start < test.stop and test.start < train.stop:
         raise SystemExit(
