@@ -1,0 +1,87 @@
+"""Merge a LoRA adapter into its base model and save one model that plain `from_pretrained` loads.
+
+    python scripts/merge_model.py --base_model Qwen/Qwen2.5-VL-3B-Instruct --adapter outputs/lora --output_dir outputs/merged
+
+OUT receives the merged weights (in the base's dtype; the merge itself runs in float32), the
+processor, and the training's grounding_image_settings.json, so infer.py resizes images as
+training did. It is written under a temporary name and renamed at the end: never half-written.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import IMAGE_SETTINGS_FILE  # noqa: E402
+
+
+def same_base(trained_on: str, given: str) -> bool:
+    """One model when both name the same directory, or end in the same name (Qwen/X vs /weights/X)."""
+    if os.path.realpath(trained_on) == os.path.realpath(given):
+        return True
+    return os.path.basename(os.path.normpath(trained_on)) == os.path.basename(os.path.normpath(given))
+
+
+def first_dir_with(file_names, *directories):
+    for directory in directories:
+        if any(os.path.isfile(os.path.join(directory, name)) for name in file_names):
+            return directory
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_model", required=True, help="the model the adapter was trained on (dir or hub id)")
+    parser.add_argument("--adapter", required=True, help="the LoRA adapter dir (sft.py's output_dir)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--force", action="store_true", help="merge although the adapter names another base model")
+    args = parser.parse_args()
+
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
+        sys.exit(f"--output_dir {args.output_dir} exists and is not empty: choose another or delete it")
+    adapter_config = PeftConfig.from_pretrained(args.adapter)
+    trained_on = adapter_config.base_model_name_or_path
+    if trained_on and not same_base(trained_on, args.base_model) and not args.force:
+        sys.exit(
+            f"the adapter {args.adapter} was trained on {trained_on}, not on --base_model {args.base_model}. "
+            "Pass the right base, or --force if it is the same model under another name."
+        )
+
+    base_dtype = AutoConfig.from_pretrained(args.base_model).dtype or torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.base_model, dtype=torch.float32)
+    try:
+        model = PeftModel.from_pretrained(model, args.adapter)
+    except (RuntimeError, ValueError) as error:  # size mismatch, or target modules missing from the base
+        lines = str(error).strip().splitlines()
+        more = f"\n... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
+        sys.exit(f"the adapter {args.adapter} does not fit --base_model {args.base_model}:\n" + "\n".join(lines[:4]) + more)
+    model = model.merge_and_unload().to(base_dtype)
+
+    # The processor and image settings travel with the adapter when training saved them there.
+    processor = AutoProcessor.from_pretrained(first_dir_with(["processor_config.json", "preprocessor_config.json"], args.adapter) or args.base_model)
+    settings_dir = first_dir_with([IMAGE_SETTINGS_FILE], args.adapter, args.base_model)
+    if settings_dir is None:
+        print(f"warning: no {IMAGE_SETTINGS_FILE} in {args.adapter} or {args.base_model}; infer.py will need --max_image_side")
+
+    output_dir = os.path.normpath(args.output_dir)
+    tmp_dir = f"{output_dir}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp_dir)
+        processor.save_pretrained(tmp_dir)
+        if settings_dir is not None:
+            shutil.copy2(os.path.join(settings_dir, IMAGE_SETTINGS_FILE), tmp_dir)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.replace(tmp_dir, output_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"merged {args.adapter} into {args.base_model} ({base_dtype}): {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

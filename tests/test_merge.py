@@ -1,0 +1,87 @@
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from conftest import run_script
+from utils import ImageSettings, build_messages, to_model_frame
+
+
+def make_adapter(base_dir, adapter_dir, max_image_side=224):
+    """A LoRA adapter on the language and vision attention with random B (a fresh adapter is a no-op),
+    saved with image settings the way sft.py saves them."""
+    model = AutoModelForImageTextToText.from_pretrained(base_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "qkv"]))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.1)
+    model.save_pretrained(adapter_dir)
+    ImageSettings.from_processor(AutoProcessor.from_pretrained(base_dir), max_image_side).save(adapter_dir)
+    return str(adapter_dir)
+
+
+def model_inputs(processor, settings):
+    image = Image.new("RGB", (300, 170), (240, 240, 240))
+    image.paste((200, 30, 30), (40, 50, 120, 110))
+    prompt = processor.apply_chat_template(build_messages("where is the red square?"), add_generation_prompt=True)
+    return processor(text=[prompt], images=[to_model_frame(image, settings)], return_tensors="pt")
+
+
+@torch.no_grad()
+def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    output_dir = tmp_path / "merged"
+    run_script("scripts/merge_model.py", "--base_model", tiny_model_dir, "--adapter", adapter, "--output_dir", output_dir)
+
+    merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(output_dir)  # plain from_pretrained, no peft
+    processor = AutoProcessor.from_pretrained(output_dir)
+    settings = ImageSettings.load(output_dir)
+    assert settings == ImageSettings.load(adapter)  # the training's image settings travel with the model
+    inputs = model_inputs(processor, settings)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    base_logits = base(**inputs).logits
+    adapted_logits = PeftModel.from_pretrained(base, adapter)(**inputs).logits
+    merged_logits = merged(**inputs).logits
+    assert (adapted_logits - base_logits).abs().max() > 1e-2  # the adapter really changes the model
+    assert (merged_logits - adapted_logits).abs().max() < 1e-4
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "merged"]  # no temporary dir left behind
+
+
+def test_merge_refuses_another_base_and_keeps_base_dtype(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    # The same weights under another name, stored in bfloat16 as Qwen2.5-VL ships.
+    renamed_base = tmp_path / "renamed-model"
+    AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(renamed_base)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(renamed_base)
+    output_dir = tmp_path / "merged"
+    merge = ["scripts/merge_model.py", "--adapter", adapter, "--output_dir", output_dir]
+
+    result = run_script(*merge, "--base_model", renamed_base, check=False)
+    assert result.returncode != 0
+    assert f"trained on {tiny_model_dir}, not on --base_model {renamed_base}" in result.stderr
+    assert not output_dir.exists()
+
+    run_script(*merge, "--base_model", renamed_base, "--force")
+    merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(output_dir)
+    assert merged.dtype == torch.bfloat16
+
+    result = run_script(*merge, "--base_model", tiny_model_dir, check=False)  # OUT now holds a model
+    assert result.returncode != 0 and "exists and is not empty" in result.stderr
+
+
+def test_merge_refuses_adapter_that_does_not_fit(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    narrow_base = tmp_path / "narrow-model"
+    run_script("scripts/make_tiny_model.py", "--output_dir", narrow_base, "--hidden_size", 64)
+    output_dir = tmp_path / "merged"
+    result = run_script(
+        "scripts/merge_model.py", "--base_model", narrow_base, "--adapter", adapter, "--output_dir", output_dir, "--force",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"the adapter {adapter} does not fit --base_model {narrow_base}" in result.stderr
+    assert "size mismatch" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "narrow-model"]  # no OUT, no temporary dir
