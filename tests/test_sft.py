@@ -1,0 +1,243 @@
+"""sft.py through its entry points: `accelerate launch` with DeepSpeed ZeRO-2 on 2 CPU processes,
+and `python sft.py` for LoRA, the freeze switches, the tutorial's YAML and config errors."""
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import datasets
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from conftest import REPO_DIR, run_script
+from utils import ImageSettings, format_answer
+
+TINY_CONFIG = "configs/tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def sft_data_dir(synthetic_dataset_dir, tmp_path_factory):
+    """Converter-format JSONL (boxes as [x1, y1, x2, y2] in original pixels): 16 train, 4 test rows."""
+    data_dir = tmp_path_factory.mktemp("sft_data")
+    dataset = datasets.load_dataset(synthetic_dataset_dir, split="train")
+    os.makedirs(data_dir / "images")
+    for split, indices in (("train", range(16)), ("test", range(16, 20))):
+        with open(data_dir / f"{split}.jsonl", "w") as f:
+            for index in indices:
+                row = dataset[index]
+                image_path = f"images/{index:06d}.png"
+                row["image"].save(data_dir / image_path)
+                x, y, width, height = row["bbox"]
+                answer = format_answer([x, y, x + width, y + height])
+                f.write(json.dumps({"image": [image_path], "query": row["question"], "response": answer}) + "\n")
+    return data_dir
+
+
+def tiny_args(tiny_model_dir, sft_data_dir, output_dir):
+    return [
+        "--config", TINY_CONFIG,
+        "--model_name_or_path", tiny_model_dir,
+        "--train_dataset_name", sft_data_dir / "train.jsonl",
+        "--test_dataset_name", sft_data_dir / "test.jsonl",
+        "--output_dir", output_dir,
+    ]  # fmt: skip
+
+
+def log_history(run_dir):
+    with open(os.path.join(run_dir, "trainer_state.json")) as f:
+        return json.load(f)["log_history"]
+
+
+def losses(history):
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def load_weights(model_dir):
+    """Parameters by their names in the model (the file on disk uses the Hub checkpoint's names)."""
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).state_dict()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+        "--config_file", config_file,
+        "--num_processes", "2",
+        "--mixed_precision", "no",
+        "--main_process_port", str(free_port()),
+        "sft.py", *map(str, args),
+    ]  # fmt: skip
+    # The venv's bin first, as scripts/test.sh has it: DeepSpeed JIT-builds its CPU comm op with the ninja on
+    # PATH, and a different ninja than last time rebuilds it (about 2 minutes on 2 cores).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
+    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def test_deepspeed_zero2_two_processes_trains_saves_and_resumes(tiny_model_dir, sft_data_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero2")
+    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 12)
+    run_dir = tmp_path / "cpu_zero2"  # the tutorial's device prefix
+    assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 2" in log
+    # ZeRO-2 shards the optimizer state: one shard per rank in the checkpoint.
+    shards = sorted(os.listdir(run_dir / "checkpoint-12" / "global_step12"))
+    assert [name for name in shards if "optim_states" in name] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    first_history = log_history(run_dir)
+    first_losses = losses(first_history)
+    assert len(first_losses) == 12
+    assert sum(first_losses[-3:]) / 3 < 0.85 * sum(first_losses[:3]) / 3, first_losses
+
+    trained = load_weights(run_dir)
+    AutoProcessor.from_pretrained(run_dir)
+    assert ImageSettings.load(run_dir).max_image_side == 112
+    initial = load_weights(tiny_model_dir)
+    assert any(not trained[name].equal(initial[name]) for name in initial)
+
+    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 17)
+    assert f"Checkpoint detected, resuming training at {run_dir / 'checkpoint-12'}" in log
+    history = log_history(run_dir)
+    steps = [entry["step"] for entry in history if "loss" in entry]
+    assert steps == list(range(1, 18))
+    # Steps 1-12 are run 1's own records: a restart would log other learning rates (cosine over 17 steps).
+    assert [entry for entry in history if entry["step"] <= 12 and "loss" in entry] == [
+        entry for entry in first_history if "loss" in entry
+    ]
+    assert not load_weights(run_dir)["lm_head.weight"].equal(trained["lm_head.weight"])
+
+
+def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, sft_data_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero3")
+    zero3 = "configs/deepspeed_bf16_zero3.yaml"
+    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 4, config_file=zero3)
+    assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 3" in log
+    initial = load_weights(tiny_model_dir)
+    # Parameters are partitioned under ZeRO-3 init: the count must still be of full sizes.
+    assert f"trainable parameters: {sum(t.numel() for t in initial.values())} of" in log
+    trained = load_weights(tmp_path / "cpu_zero3")  # gathered at save (zero3_save_16bit_model: true)
+    assert all(trained[name].shape == initial[name].shape for name in initial)
+    assert all(not trained[name].equal(initial[name]) for name in initial)
+
+
+def test_lora_saves_adapter_and_leaves_base_weights(tiny_model_dir, sft_data_dir, tmp_path):
+    result = run_script(
+        "sft.py", *tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "lora"),
+        "--use_lora", "true", "--r", 4, "--target_modules", "q_proj", "v_proj",
+        "--gradient_checkpointing", "true", "--max_steps", 4, "--save_strategy", "no",
+    )  # fmt: skip
+    run_dir = tmp_path / "cpu_lora"
+    trainable, total = map(int, re.search(r"trainable parameters: (\d+) of (\d+)", result.stderr).groups())
+    assert 0 < trainable < total / 10
+    adapter = load_file(run_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert sum(tensor.numel() for tensor in adapter.values()) == trainable
+    # lora_B starts at zero: non-zero values mean gradients reached the adapters through checkpointing.
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)
+    assert not os.path.exists(run_dir / "model.safetensors")  # no full copy of the base model
+
+    # Plain from_pretrained on the output dir loads base + adapter; the base weights are the original ones.
+    loaded = load_weights(run_dir)
+    assert any("lora_B" in name for name in loaded)
+    base = load_weights(tiny_model_dir)
+    loaded_base = {name.replace(".base_layer", ""): tensor for name, tensor in loaded.items() if "lora_" not in name}
+    assert loaded_base.keys() == base.keys()
+    assert all(loaded_base[name].equal(base[name]) for name in base)
+    AutoProcessor.from_pretrained(run_dir)
+    assert ImageSettings.load(run_dir) is not None
+
+
+FREEZE_PREFIXES = {
+    "freeze_vision_tower": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "freeze_merger": ("model.visual.merger.",),
+    "freeze_llm": ("model.language_model.", "lm_head."),
+}
+
+
+@pytest.mark.parametrize(
+    "switches", [("freeze_vision_tower", "freeze_llm"), ("freeze_merger",)], ids=["vision_tower+llm", "merger"]
+)
+def test_freeze_switches_keep_frozen_parts_bit_identical(tiny_model_dir, sft_data_dir, tmp_path, switches):
+    flags = [item for switch in switches for item in (f"--{switch}", "true")]
+    result = run_script(
+        "sft.py", *tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "freeze"), *flags,
+        "--gradient_checkpointing", "true", "--max_steps", 3, "--save_strategy", "no",
+    )  # fmt: skip
+    initial = load_weights(tiny_model_dir)
+    trained = load_weights(tmp_path / "cpu_freeze")
+    assert initial.keys() == trained.keys()
+    frozen_prefixes = tuple(prefix for switch in switches for prefix in FREEZE_PREFIXES[switch])
+    frozen = [name for name in initial if name.startswith(frozen_prefixes)]
+    assert frozen
+    for name in frozen:
+        assert trained[name].equal(initial[name]), name
+    # Everything else trained: each unfrozen part has changed weights.
+    for switch, prefixes in FREEZE_PREFIXES.items():
+        if switch not in switches:
+            assert any(not trained[n].equal(initial[n]) for n in initial if n.startswith(prefixes)), switch
+    trainable = int(re.search(r"trainable parameters: (\d+) of", result.stderr).group(1))
+    assert trainable == sum(tensor.numel() for name, tensor in initial.items() if name not in frozen)
+
+
+def test_tutorial_config_with_warmup_ratio_eval_and_swanlab(tiny_model_dir, sft_data_dir, tmp_path):
+    """The tutorial's 3B YAML, every key as given, scaled down on the command line to the tiny model."""
+    result = run_script(
+        "sft.py", "--config", "configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml",
+        "--model_name_or_path", tiny_model_dir, "--torch_dtype", "float32",
+        "--train_dataset_name", sft_data_dir / "train.jsonl", "--test_dataset_name", sft_data_dir / "test.jsonl",
+        "--output_dir", tmp_path / "tutorial", "--max_image_side", 112,
+        "--max_steps", 10, "--learning_rate", "1e-3", "--use_cpu", "true", "--bf16", "false", "--bf16_full_eval", "false",
+        env={"SWANLAB_MODE": "offline", "SWANLAB_LOG_DIR": str(tmp_path / "swanlog")},
+    )  # fmt: skip
+    assert "warmup_ratio is deprecated" in result.stderr
+    history = log_history(tmp_path / "cpu_tutorial")
+    learning_rates = [entry["learning_rate"] for entry in history if "loss" in entry]
+    assert learning_rates[0] < learning_rates[1]  # warmup (0.1 of 10 steps); cosine alone would start at the peak
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) == 10  # eval_steps: 0.1
+    assert eval_losses[-1] < eval_losses[0]
+    # report_to: swanlab logged the run offline.
+    (run_file,) = glob.glob(str(tmp_path / "swanlog" / "run-*" / "run-*.swanlab"))
+    with open(run_file, "rb") as f:
+        assert b"train/loss" in f.read()
+
+
+@pytest.mark.parametrize(
+    "extra_args, expected",
+    [
+        (
+            ["--data_collator", "NoSuchCollator", "--padding", "wide", "--max_image_side", 0,
+             "--eval_strategy", "steps", "--test_dataset_name", "missing/test.jsonl"],
+            ["data_collator: unknown 'NoSuchCollator'", "padding: unknown 'wide'",
+             "max_image_side: must be positive", "test_dataset_name: file not found: missing/test.jsonl"],
+        ),
+        (["--train_dataset_name", "missing/train.jsonl"], ["train_dataset_name: file not found: missing/train.jsonl"]),
+        (["--train_dataset_name", "BAD_JSONL"], [":2: bad line"]),
+    ],
+)  # fmt: skip
+def test_bad_config_fails_before_model_loading(sft_data_dir, tmp_path, extra_args, expected):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    with open(sft_data_dir / "train.jsonl") as f:
+        bad_jsonl.write_text(f.readline() + '{"image": ["x.png"]}\n')  # line 2 lacks query and response
+    extra_args = [str(bad_jsonl) if arg == "BAD_JSONL" else arg for arg in extra_args]
+    # A model path that does not exist: any attempt to load the model would fail with another message.
+    args = tiny_args("/nonexistent/model", sft_data_dir, tmp_path / "bad")
+    result = run_script("sft.py", *args, *extra_args, check=False)
+    assert result.returncode != 0
+    for message in expected:
+        assert message in result.stderr, result.stderr
+    assert "/nonexistent/model" not in result.stderr  # failed before touching the model
+    assert not os.path.exists(tmp_path / "cpu_bad")
