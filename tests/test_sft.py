@@ -9,32 +9,24 @@ import socket
 import subprocess
 import sys
 
-import datasets
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from conftest import REPO_DIR, run_script
-from utils import ImageSettings, format_answer
+from utils import ImageSettings
 
 TINY_CONFIG = "configs/tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
 def sft_data_dir(synthetic_dataset_dir, tmp_path_factory):
-    """Converter-format JSONL (boxes as [x1, y1, x2, y2] in original pixels): 16 train, 4 test rows."""
+    """The converter's JSONL (boxes in original pixels) from the synthetic dataset: 16 train, 4 test rows."""
     data_dir = tmp_path_factory.mktemp("sft_data")
-    dataset = datasets.load_dataset(synthetic_dataset_dir, split="train")
-    os.makedirs(data_dir / "images")
-    for split, indices in (("train", range(16)), ("test", range(16, 20))):
-        with open(data_dir / f"{split}.jsonl", "w") as f:
-            for index in indices:
-                row = dataset[index]
-                image_path = f"images/{index:06d}.png"
-                row["image"].save(data_dir / image_path)
-                x, y, width, height = row["bbox"]
-                answer = format_answer([x, y, x + width, y + height])
-                f.write(json.dumps({"image": [image_path], "query": row["question"], "response": answer}) + "\n")
+    run_script(
+        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
+        "--train_range", "0:16", "--test_range", "16:20", "--num_workers", 1,
+    )  # fmt: skip
     return data_dir
 
 
