@@ -1,6 +1,7 @@
 """Merge a LoRA adapter into its base model and save one model that plain `from_pretrained` loads.
 
-    python scripts/merge_model.py --base_model Qwen/Qwen2.5-VL-3B-Instruct --adapter outputs/lora --output_dir outputs/merged
+    python scripts/merge_model.py --base_model Qwen/Qwen2.5-VL-3B-Instruct \
+        --adapter outputs/cpu_lora --output_dir outputs/merged
 
 OUT receives the merged weights (in the base's dtype; the merge itself runs in float32), the
 processor, and the training's grounding_image_settings.json, so infer.py resizes images as
@@ -59,14 +60,17 @@ def main():
     except (RuntimeError, ValueError) as error:  # size mismatch, or target modules missing from the base
         lines = str(error).strip().splitlines()
         more = f"\n... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
-        sys.exit(f"the adapter {args.adapter} does not fit --base_model {args.base_model}:\n" + "\n".join(lines[:4]) + more)
+        details = "\n".join(lines[:4]) + more
+        sys.exit(f"the adapter {args.adapter} does not fit --base_model {args.base_model}:\n{details}")
     model = model.merge_and_unload().to(base_dtype)
 
     # The processor and image settings travel with the adapter when training saved them there.
-    processor = AutoProcessor.from_pretrained(first_dir_with(["processor_config.json", "preprocessor_config.json"], args.adapter) or args.base_model)
+    processor_dir = first_dir_with(["processor_config.json", "preprocessor_config.json"], args.adapter)
+    processor = AutoProcessor.from_pretrained(processor_dir or args.base_model)
     settings_dir = first_dir_with([IMAGE_SETTINGS_FILE], args.adapter, args.base_model)
     if settings_dir is None:
-        print(f"warning: no {IMAGE_SETTINGS_FILE} in {args.adapter} or {args.base_model}; infer.py will need --max_image_side")
+        where = f"{args.adapter} or {args.base_model}"
+        print(f"warning: no {IMAGE_SETTINGS_FILE} in {where}: infer.py will need --max_image_side", file=sys.stderr)
 
     output_dir = os.path.normpath(args.output_dir)
     tmp_dir = f"{output_dir}.tmp-{os.getpid()}"

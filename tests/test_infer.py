@@ -1,6 +1,22 @@
-import pytest
+"""infer.py: the parser, the mapping back to original pixels, and the CLI on tiny models trained by
+sft.py (full and LoRA), merged by scripts/merge_model.py, on one process and on two."""
 
-from utils import parse_bbox
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from conftest import REPO_DIR, run_script
+from utils import ImageSettings, format_answer, load_sft_jsonl, parse_bbox, read_answer_box
 
 # What models really emit: the trained format, Qwen2.5-VL's zero-shot habits, Qwen2-VL's point
 # pairs, truncated generations, and text with no box at all.
@@ -39,3 +55,254 @@ PARSER_TABLE = [
 @pytest.mark.parametrize("text, expected", PARSER_TABLE)
 def test_parser_on_real_world_outputs(text, expected):
     assert parse_bbox(text) == expected
+
+
+# ---------------------------------------------------------------- mapping back to original pixels
+class ScriptedModel:
+    """Stands in for the model in the mapping test only. It answers each prompt with the true box in
+    the frame the processor really fed the model (read from image_grid_thw, not from utils), to 4
+    decimals, so any error in mapping back to original pixels shows."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, processor, samples):
+        self.processor = processor
+        self.samples = samples  # query -> (true box in original pixels, original (width, height))
+
+    def generate(self, input_ids, image_grid_thw, **kwargs):
+        tokenizer = self.processor.tokenizer
+        patch = self.processor.image_processor.patch_size
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        answers = []
+        for ids, (_, grid_h, grid_w) in zip(input_ids, image_grid_thw.tolist()):
+            prompt = tokenizer.decode(ids, skip_special_tokens=True)
+            (x1, y1, x2, y2), (width, height) = next(s for query, s in self.samples.items() if query in prompt)
+            scale_x, scale_y = grid_w * patch / width, grid_h * patch / height
+            frame_box = [round(v, 4) for v in (x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y)]
+            answers.append(tokenizer.encode(json.dumps({"bbox_2d": frame_box})) + [end])
+        longest = max(map(len, answers))
+        padded = [answer + [tokenizer.pad_token_id] * (longest - len(answer)) for answer in answers]
+        return torch.cat([input_ids, torch.tensor(padded)], dim=1)
+
+
+def test_predicted_boxes_map_back_to_original_pixels_exactly(processor, tmp_path):
+    # Square, wide, tall, TextVQA-like, odd sizes, and an image smaller than the model frame (upscaled).
+    sizes = [(150, 150), (1300, 200), (200, 1300), (1024, 681), (333, 777), (640, 480), (97, 61)]
+    rows, samples = [], {}
+    for index, (width, height) in enumerate(sizes):
+        path = str(tmp_path / f"{index}.png")
+        Image.new("RGB", (width, height), (200, 200, 200)).save(path)
+        box = [0.13 * width, 0.21 * height, 0.77 * width, 0.9 * height] if index else [0, 0, width, height]
+        query = f"where is object number {index}?"
+        rows.append({"image": [path], "user": query, "assistant": format_answer(box)})
+        samples[query] = (box, (width, height))
+    model = ScriptedModel(processor, samples)
+    for max_image_side in (112, 448):
+        settings = ImageSettings.from_processor(processor, max_image_side)
+        predictions = infer.predict(model, processor, rows, settings, 3, 64, show_progress=False)
+        for row, prediction in zip(rows, predictions):
+            true_box = samples[row["user"]][0]
+            assert prediction["pred_bbox"] == pytest.approx(true_box, abs=0.01), (row["image"], max_image_side)
+
+
+# ---------------------------------------------------------------- the CLI on trained models
+@pytest.fixture(scope="module")
+def data_dir(synthetic_dataset_dir, tmp_path_factory):
+    """test.jsonl: 8 converted samples; first4/last4.jsonl: its halves, to train on."""
+    data_dir = tmp_path_factory.mktemp("infer_data")
+    run_script(
+        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
+        "--type", "test", "--train_range", "8:40", "--test_range", "0:8", "--num_workers", 1,
+    )  # fmt: skip
+    lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
+    (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
+    (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
+    return data_dir
+
+
+def train(model_dir, train_file, output_dir, *extra_args):
+    """sft.py with the tiny CPU recipe at 56 px; returns the run dir (sft.py prefixes the device)."""
+    run_script(
+        "sft.py", "--config", "configs/tiny_cpu.yaml", "--model_name_or_path", model_dir,
+        "--train_dataset_name", train_file, "--output_dir", output_dir, "--max_image_side", 56,
+        "--per_device_train_batch_size", 4, "--save_strategy", "no", *extra_args,
+        env={"OMP_NUM_THREADS": "1"},  # small matrices: one thread is several times faster on a shared CPU
+    )  # fmt: skip
+    (run_dir,) = glob.glob(f"{output_dir.parent}/*_{output_dir.name}")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def answering_model_dir(tiny_model_dir, data_dir, tmp_path_factory):
+    """The tiny model fully trained until it answers the first 4 test samples with their boxes
+    (memorised: the point is answers to score, right and wrong, not generalisation)."""
+    output_dir = tmp_path_factory.mktemp("answering") / "model"
+    return train(
+        tiny_model_dir, data_dir / "first4.jsonl", output_dir,
+        "--max_steps", 150, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
+    )  # fmt: skip
+
+
+def run_infer(*args, output_dir, launcher=(sys.executable,), env=None):
+    """infer.py, one thread per process (as `accelerate launch` sets for CPU processes)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [*launcher, "infer.py", *map(str, args), "--output_dir", str(output_dir), "--batch_size", "3"]
+    command += ["--max_new_tokens", "24"]
+    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    with open(os.path.join(output_dir, "predictions.jsonl")) as f:
+        predictions = [json.loads(line) for line in f]
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return result, predictions, metrics
+
+
+def independent_iou(box_a, box_b):
+    if box_a is None:
+        return 0.0
+    width = min(box_a[2], box_b[2]) - max(box_a[0], box_b[0])
+    height = min(box_a[3], box_b[3]) - max(box_a[1], box_b[1])
+    intersection = max(width, 0) * max(height, 0)
+    area_a = (box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
+    area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
+    return intersection / (area_a + area_b - intersection)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(answering_model_dir, data_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("infer_single")
+    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 5]
+    return output_dir, *run_infer("--model_name_or_path", answering_model_dir, *test_set, output_dir=output_dir)
+
+
+def test_predictions_metrics_and_pictures(single_process_run, data_dir):
+    output_dir, result, predictions, metrics = single_process_run
+    rows = load_sft_jsonl(data_dir / "test.jsonl")
+    assert [(p["image"], p["query"]) for p in predictions] == [(row["image"][0], row["user"]) for row in rows]
+    assert [p["gt_bbox"] for p in predictions] == [read_answer_box(row["assistant"]) for row in rows]
+    for prediction in predictions:
+        assert set(prediction) == {"image", "query", "gt_bbox", "pred_bbox", "iou", "raw_output"}
+        if prediction["pred_bbox"] is not None:  # original pixels: inside the original image
+            width, height = Image.open(prediction["image"]).size
+            x1, y1, x2, y2 = prediction["pred_bbox"]
+            assert 0 <= x1 <= width and 0 <= x2 <= width and 0 <= y1 <= height and 0 <= y2 <= height
+    parsed = [p for p in predictions if p["pred_bbox"] is not None]
+    assert len(parsed) >= 4 and any(p["iou"] > 0.5 for p in parsed), [p["raw_output"] for p in predictions]
+
+    ious = [independent_iou(p["pred_bbox"], p["gt_bbox"]) for p in predictions]
+    assert [p["iou"] for p in predictions] == pytest.approx(ious, abs=1e-9)
+    assert metrics["num_samples"] == len(rows) == 8
+    assert metrics["acc@0.5"] == pytest.approx(sum(iou >= 0.5 for iou in ious) / 8)
+    assert metrics["acc@0.75"] == pytest.approx(sum(iou >= 0.75 for iou in ious) / 8)
+    assert metrics["mean_iou"] == pytest.approx(sum(ious) / 8)
+    assert metrics["parse_failures"] == 8 - len(parsed)
+    assert f"| 8 | {metrics['acc@0.5']:.4f} | {metrics['acc@0.75']:.4f} | {metrics['mean_iou']:.4f} |" in result.stdout
+
+    vis_dir = output_dir / "vis"
+    assert sorted(os.listdir(vis_dir)) == ["00000.jpg", "00001.jpg", "00002.jpg", "00003.jpg", "00004.jpg", "grid.jpg"]
+    for index in range(5):
+        picture = Image.open(vis_dir / f"{index:05d}.jpg")
+        original = Image.open(predictions[index]["image"])
+        assert picture.width >= original.width and picture.height > original.height  # original size + caption
+    assert Image.open(vis_dir / "grid.jpg").size == (infer.GRID_COLUMNS * infer.GRID_CELL, 2 * infer.GRID_CELL)
+
+
+def test_two_processes_give_the_single_process_result(single_process_run, answering_model_dir, data_dir, tmp_path):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 5]
+    model = ["--model_name_or_path", answering_model_dir]
+    result, _, _ = run_infer(*model, *test_set, output_dir=tmp_path, launcher=launcher)
+    assert "2 process(es)" in result.stdout
+    for name in ("predictions.jsonl", "metrics.json"):
+        assert (tmp_path / name).read_bytes() == (single_process_run[0] / name).read_bytes()
+
+
+def test_zero_shot_base_model_counts_parse_failures_and_logs_to_swanlab(tiny_model_dir, data_dir, tmp_path):
+    swanlab_dir = tmp_path / "swanlog"
+    result, predictions, metrics = run_infer(
+        "--model_name_or_path", tiny_model_dir, "--test_dataset_name", data_dir / "test.jsonl", "--limit", 3,
+        "--max_image_side", 112, "--report_to", "swanlab",
+        output_dir=tmp_path / "eval", env={"SWANLAB_MODE": "offline", "SWANLAB_LOGDIR": str(swanlab_dir)},
+    )  # fmt: skip
+    # The untrained model never answers with a box: every sample is a parse failure scored IoU 0, none crashes.
+    assert [(p["pred_bbox"], p["iou"]) for p in predictions] == [(None, 0.0)] * 3
+    assert all(p["raw_output"] for p in predictions)
+    assert metrics == {"num_samples": 3, "acc@0.5": 0.0, "acc@0.75": 0.0, "mean_iou": 0.0, "parse_failures": 3}
+    logged_images = glob.glob(str(swanlab_dir / "run-*" / "media" / "image" / "*"))
+    assert len(logged_images) == 4, result.stderr  # 3 pictures and the grid
+
+
+def test_lora_training_merge_and_base_plus_adapter_predict_the_same(
+    single_process_run, answering_model_dir, data_dir, tmp_path
+):
+    adapter_dir = train(
+        answering_model_dir, data_dir / "last4.jsonl", tmp_path / "lora",
+        "--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj",
+        "--max_steps", 30, "--learning_rate", 1e-2,
+    )  # fmt: skip
+    merged_dir = tmp_path / "merged"
+    merge = ["--base_model", answering_model_dir, "--adapter", adapter_dir, "--output_dir", merged_dir]
+    run_script("scripts/merge_model.py", *merge)
+
+    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 0]
+    _, merged, merged_metrics = run_infer("--model_name_or_path", merged_dir, *test_set, output_dir=tmp_path / "eval1")
+    _, adapted, adapted_metrics = run_infer(
+        "--model_name_or_path", answering_model_dir, "--adapter", adapter_dir, *test_set, output_dir=tmp_path / "eval2"
+    )
+    assert merged == adapted and merged_metrics == adapted_metrics
+    assert any(p["pred_bbox"] is not None for p in merged)
+    assert [p["raw_output"] for p in adapted] != [p["raw_output"] for p in single_process_run[2]]  # LoRA changed it
+
+
+def test_bad_test_line_fails_before_loading_the_model(tmp_path):
+    test_file = tmp_path / "test.jsonl"
+    lines = [
+        {"image": ["a.jpg"], "query": "where is the sign?", "response": '{"bbox_2d": [1, 2, 30, 40]}'},
+        {"image": ["b.jpg"], "query": "where is the cup?", "response": '{"bbox": [1, 2, 30, 40]}'},
+    ]
+    test_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_script(
+        "infer.py", "--model_name_or_path", tmp_path / "no_model", "--test_dataset_name", test_file,
+        "--output_dir", tmp_path / "out", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"{test_file}: sample 2 ({tmp_path / 'b.jpg'})" in result.stderr and "bbox_2d" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_settings_come_from_training_unless_overridden(processor, tmp_path):
+    untrained, trained = tmp_path / "untrained", tmp_path / "trained"
+    untrained.mkdir()
+    trained.mkdir()
+    with pytest.warns(UserWarning, match="training's image size is unknown"):
+        default = infer.resolve_image_settings(processor, [str(untrained)], None)
+    assert default == ImageSettings.from_processor(processor, infer.DEFAULT_MAX_IMAGE_SIDE)
+    saved = dataclasses.replace(ImageSettings.from_processor(processor, 336), min_pixels=28 * 28 * 8)
+    saved.save(trained)
+    # The adapter dir comes first, then the model dir: the first that holds settings wins.
+    assert infer.resolve_image_settings(processor, [str(untrained), str(trained)], None) == saved
+    with pytest.warns(UserWarning, match="differs from the 336"):
+        overridden = infer.resolve_image_settings(processor, [str(trained)], 448)
+    assert overridden == dataclasses.replace(saved, max_image_side=448)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert infer.resolve_image_settings(processor, [str(trained)], 336) == saved
+
+
+def test_picture_draws_both_boxes_where_they_are(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(path)
+    record = {"image": str(path), "query": "where?", "gt_bbox": [50, 60, 150, 200], "iou": 0.0}
+
+    def extent(picture, color):
+        """(x1, y1, x2, y2) of the pixels of one colour above the caption."""
+        ys, xs = np.nonzero((np.asarray(picture)[:300] == color).all(axis=2))
+        return (xs.min(), ys.min(), xs.max(), ys.max()) if len(xs) else None
+
+    picture = infer.draw_prediction({**record, "pred_bbox": [200, 40, 380, 120]})
+    true_extent, predicted_extent = extent(picture, infer.TRUE_COLOR), extent(picture, infer.PREDICTED_COLOR)
+    # The same offset, line and margin apply to both boxes: their drawn extents differ as the boxes do.
+    assert [p - t for p, t in zip(predicted_extent, true_extent)] == [200 - 50, 40 - 60, 380 - 150, 120 - 200]
+    assert true_extent[2] - true_extent[0] > 100 and true_extent[3] - true_extent[1] > 140  # drawn outside the box
+    assert extent(infer.draw_prediction({**record, "pred_bbox": None}), infer.PREDICTED_COLOR) is None

@@ -34,7 +34,8 @@ def model_inputs(processor, settings):
 def test_merged_model_equals_base_plus_adapter(tiny_model_dir, tmp_path):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     output_dir = tmp_path / "merged"
-    run_script("scripts/merge_model.py", "--base_model", tiny_model_dir, "--adapter", adapter, "--output_dir", output_dir)
+    merge = ["--base_model", tiny_model_dir, "--adapter", adapter, "--output_dir", output_dir]
+    run_script("scripts/merge_model.py", *merge)
 
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(output_dir)  # plain from_pretrained, no peft
     processor = AutoProcessor.from_pretrained(output_dir)
@@ -77,10 +78,8 @@ def test_merge_refuses_adapter_that_does_not_fit(tiny_model_dir, tmp_path):
     narrow_base = tmp_path / "narrow-model"
     run_script("scripts/make_tiny_model.py", "--output_dir", narrow_base, "--hidden_size", 64)
     output_dir = tmp_path / "merged"
-    result = run_script(
-        "scripts/merge_model.py", "--base_model", narrow_base, "--adapter", adapter, "--output_dir", output_dir, "--force",
-        check=False,
-    )  # fmt: skip
+    merge = ["--base_model", narrow_base, "--adapter", adapter, "--output_dir", output_dir, "--force"]
+    result = run_script("scripts/merge_model.py", *merge, check=False)
     assert result.returncode != 0
     assert f"the adapter {adapter} does not fit --base_model {narrow_base}" in result.stderr
     assert "size mismatch" in result.stderr
