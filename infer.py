@@ -236,12 +236,15 @@ def main():
     rows = load_sft_jsonl(args.test_dataset_name)[: args.limit]
     if not rows:
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
-    true_boxes = []
+    true_boxes = []  # checked before the model loads: a bad sample fails in seconds, not after generation
     for number, row in enumerate(rows, start=1):
+        where = f"{args.test_dataset_name}: sample {number} ({row['image'][0]})"
+        if not os.path.isfile(row["image"][0]):
+            raise SystemExit(f"{where}: image not found")
         try:
             true_boxes.append(read_answer_box(row["assistant"]))
         except ValueError as error:
-            raise SystemExit(f"{args.test_dataset_name}: sample {number} ({row['image'][0]}): {error}") from error
+            raise SystemExit(f"{where}: {error}") from error
 
     # sft.py saves the processor it trained with beside the adapter.
     has_processor = args.adapter and os.path.isfile(os.path.join(args.adapter, "processor_config.json"))

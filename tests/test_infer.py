@@ -255,19 +255,26 @@ def test_lora_training_merge_and_base_plus_adapter_predict_the_same(
     assert [p["raw_output"] for p in adapted] != [p["raw_output"] for p in single_process_run[2]]  # LoRA changed it
 
 
-def test_bad_test_line_fails_before_loading_the_model(tmp_path):
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ({"image": ["b.png"], "query": "where is the cup?", "response": '{"bbox": [1, 2, 30, 40]}'}, "bbox_2d"),
+        ({"image": ["missing.png"], "query": "where is the cup?", "response": format_answer([1, 2, 3, 4])}, "not found"),
+    ],
+    ids=["bad_answer", "missing_image"],
+)
+def test_bad_test_sample_fails_before_loading_the_model(bad_line, message, tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 48)).save(tmp_path / name)
+    good_line = {"image": ["a.png"], "query": "where is the sign?", "response": format_answer([1, 2, 30, 40])}
     test_file = tmp_path / "test.jsonl"
-    lines = [
-        {"image": ["a.jpg"], "query": "where is the sign?", "response": '{"bbox_2d": [1, 2, 30, 40]}'},
-        {"image": ["b.jpg"], "query": "where is the cup?", "response": '{"bbox": [1, 2, 30, 40]}'},
-    ]
-    test_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    test_file.write_text(json.dumps(good_line) + "\n" + json.dumps(bad_line) + "\n")
     result = run_script(
         "infer.py", "--model_name_or_path", tmp_path / "no_model", "--test_dataset_name", test_file,
         "--output_dir", tmp_path / "out", check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert f"{test_file}: sample 2 ({tmp_path / 'b.jpg'})" in result.stderr and "bbox_2d" in result.stderr
+    assert f"{test_file}: sample 2 ({tmp_path / bad_line['image'][0]}): " in result.stderr and message in result.stderr
     assert not (tmp_path / "out").exists()
 
 
