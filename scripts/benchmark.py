@@ -200,7 +200,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         model_dir, rows = build_inputs(args, workdir)
         processor = AutoProcessor.from_pretrained(model_dir)
-        print(f"# Benchmark: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        print(f"# Benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
         print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}")
         batches = bench_collator(processor, rows, args)
         for attn_implementation in args.attn:
