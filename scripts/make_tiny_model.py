@@ -93,13 +93,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab_size", type=int, default=400)
+    # Big enough for every word of the chat frame and prompt to become one token (the corpus saturates
+    # at ~470): shorter sequences, cheaper steps. Digits stay single tokens whatever the size.
+    parser.add_argument("--vocab_size", type=int, default=1000)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_heads", type=int, default=4)
     parser.add_argument("--vision_hidden_size", type=int, default=64)
     parser.add_argument("--vision_depth", type=int, default=2)
     parser.add_argument("--vision_heads", type=int, default=4)
+    # The 3B's 1e6 suits thousands of positions; the tiny model's images are a few tokens across, and
+    # mRoPE gives the width axis the slowest frequencies: at 1e4 neighbouring columns look alike.
+    parser.add_argument("--rope_theta", type=float, default=10.0)
     parser.add_argument("--min_pixels", type=int, default=28 * 28 * 4)
     parser.add_argument("--max_pixels", type=int, default=28 * 28 * 1280)
     args = parser.parse_args()
@@ -126,7 +131,7 @@ def main():
             num_attention_heads=args.num_heads,
             num_key_value_heads=max(1, args.num_heads // 2),
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": mrope_section},
             bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=tokenizer.pad_token_id,

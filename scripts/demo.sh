@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The repo's whole job on a laptop CPU, no GPU and no downloads: a tiny Qwen2.5-VL (random weights)
+# learns grounding from synthetic TextVQA-schema images through the real converter, sft.py and infer.py.
+#
+#   bash scripts/demo.sh                    # about 10 minutes on 2 CPU cores
+#   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
+#   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
+#
+# --workdir DIR (default: the repo) receives models/, data/ and outputs/ exactly where
+# configs/demo_tiny_cpu.yaml expects them, so `python sft.py --config configs/demo_tiny_cpu.yaml`
+# works by hand afterwards. The recipe (image side, batch, steps, learning rate) is that config.
+set -euo pipefail
+
+CONFIG=configs/demo_tiny_cpu.yaml
+NUM_SAMPLES=3000  # training samples; the test split comes after them
+NUM_TEST=200
+MAX_STEPS=""      # empty: the config's max_steps
+WORKDIR=.
+# The demo's data: one named shape per image, a quarter to half of the short side. Distractors make the
+# task harder (see README); flags after -- are appended, so they override these.
+DATA_FLAGS=(--max_distractors 0 --min_object 0.25 --max_object 0.5)
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
+        --num_test) NUM_TEST="$2"; shift 2 ;;
+        --max_steps) MAX_STEPS="$2"; shift 2 ;;
+        --workdir) WORKDIR="$2"; shift 2 ;;
+        --) shift; DATA_FLAGS+=("$@"); break ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+    esac
+done
+WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
+set --  # setup_env.sh would read leftover arguments as packages to install
+source "$(dirname "$0")/setup_env.sh"
+
+MODEL="$WORKDIR/models/tiny-qwen2.5-vl"
+SOURCE="$WORKDIR/data/demo_source"  # the synthetic dataset in TextVQA_GT_bbox's own layout
+DATA="$WORKDIR/data/demo"           # the converter's JSONL + images
+EVAL="$WORKDIR/outputs/demo_eval"
+TRAINED="$WORKDIR/outputs/cpu_demo_tiny_cpu"  # sft.py prefixes output_dir's name with the device
+MAX_IMAGE_SIDE="$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")"
+
+STAGE_TIMES=()
+stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
+    local name="$1" start=$SECONDS
+    shift
+    echo
+    echo "==> [demo] $name"
+    echo "    $*"
+    "$@"
+    STAGE_TIMES+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
+}
+
+stage "1/7 build the tiny model" \
+    python scripts/make_tiny_model.py --output_dir "$MODEL"
+stage "2/7 draw the synthetic dataset" \
+    python scripts/make_synthetic_data.py --output_dir "$SOURCE" --num_samples $((NUM_SAMPLES + NUM_TEST)) "${DATA_FLAGS[@]}"
+stage "3/7 convert it to JSONL" \
+    python scripts/convert2sft_format.py --data_path "$SOURCE" --save_path "$DATA" \
+    --train_range "0:$NUM_SAMPLES" --test_range "$NUM_SAMPLES:$((NUM_SAMPLES + NUM_TEST))"
+stage "4/7 baseline: the mean training box" \
+    python scripts/mean_box_baseline.py --train_dataset_name "$DATA/train.jsonl" \
+    --test_dataset_name "$DATA/test.jsonl" --output_dir "$EVAL/mean_box"
+# The untrained model shows what the architecture alone scores; it rarely even writes a box.
+stage "5/7 baseline: the untrained model" \
+    python infer.py --model_name_or_path "$MODEL" --test_dataset_name "$DATA/test.jsonl" \
+    --output_dir "$EVAL/untrained" --max_image_side "$MAX_IMAGE_SIDE" --max_new_tokens 48
+stage "6/7 train (sft.py --config $CONFIG)" \
+    python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
+    --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/test.jsonl" \
+    --output_dir "$WORKDIR/outputs/demo_tiny_cpu" --overwrite_output_dir true ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
+stage "7/7 evaluate the trained model" \
+    python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
+    --output_dir "$EVAL/trained" --max_new_tokens 48
+
+echo
+echo "==> [demo] results on the $NUM_TEST held-back test images"
+python - "$EVAL" <<'EOF'
+import json, os, sys
+
+print("| predictor | Acc@0.5 | Acc@0.75 | mean IoU | no box parsed |")
+print("|---|---|---|---|---|")
+for name, folder in (("trained tiny model", "trained"), ("untrained tiny model", "untrained"), ("mean training box", "mean_box")):
+    with open(os.path.join(sys.argv[1], folder, "metrics.json")) as f:
+        m = json.load(f)
+    print(f"| {name} | {m['acc@0.5']:.3f} | {m['acc@0.75']:.3f} | {m['mean_iou']:.3f} | {m['parse_failures']} |")
+EOF
+echo
+echo "time per stage:"
+printf '  %s\n' "${STAGE_TIMES[@]}"
+echo "  total                              $(printf '%5d' $SECONDS) s"
+echo
+echo "pictures (green: truth, red: prediction): $EVAL/trained/vis/grid.jpg"
+echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
+cat <<'EOF'
+
+The same pipeline on the real model (Qwen2.5-VL-3B-Instruct, TextVQA_GT_bbox, 8 GPUs):
+  bash scripts/download_model.sh && bash scripts/download_data.sh
+  python scripts/convert2sft_format.py --data_path ./data/textvqa_bbox --save_path ./data
+  bash scripts/sft_vqa_8gpu-z2.sh configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml
+  python infer.py --model_name_or_path ./outputs/gpu_SFT_Qwen2_5-VL-3B-Instruct_vqa_bbox \
+      --test_dataset_name ./data/test.jsonl --output_dir ./outputs/eval_3b
+EOF

@@ -1,0 +1,33 @@
+"""The CPU demo, end to end through `bash scripts/demo.sh`, at reduced size (its size flags)."""
+
+import json
+import os
+import subprocess
+
+from conftest import REPO_DIR
+
+
+def test_demo_pipeline_at_reduced_size(tmp_path):
+    workdir = tmp_path / "demo"
+    env = {**os.environ, "SWANLAB_MODE": "disabled"}
+    result = subprocess.run(
+        ["bash", "scripts/demo.sh", "--workdir", workdir, "--num_samples", "64", "--num_test", "8", "--max_steps", "40"],
+        cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, f"demo.sh exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+    # Training ran the requested steps and its loss fell.
+    state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) >= 6, state["log_history"]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+    # The trained model, the untrained model and the mean box were all scored on the same test split.
+    for name in ("trained", "untrained", "mean_box"):
+        metrics = json.loads((workdir / "outputs" / "demo_eval" / name / "metrics.json").read_text())
+        assert metrics["num_samples"] == 8, (name, metrics)
+        assert 0 <= metrics["acc@0.5"] <= 1 and 0 <= metrics["mean_iou"] <= 1, (name, metrics)
+    assert (workdir / "outputs" / "demo_eval" / "trained" / "vis" / "grid.jpg").is_file()
+    assert "| trained tiny model |" in result.stdout and "| mean training box |" in result.stdout
+    assert "sft_vqa_8gpu-z2.sh" in result.stdout  # ends by pointing at the real model's recipe
