@@ -199,14 +199,13 @@ def box_to_original_frame(box, model_size, original_size) -> list[float]:
 
 
 def box_ious(predicted_boxes, true_boxes) -> list[float]:
-    """IoU of each predicted box with its own true box; a missing prediction (None) scores 0."""
+    """IoU of each predicted box with its own true box; a missing or inverted prediction
+    (x2 <= x1 or y2 <= y1: not a box in our format) scores 0."""
     ious = []
     for predicted, true in zip(predicted_boxes, true_boxes):
-        if predicted is None:
+        if predicted is None or predicted[2] <= predicted[0] or predicted[3] <= predicted[1]:
             ious.append(0.0)
             continue
-        x1, y1, x2, y2 = predicted
-        predicted = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]  # a flipped box is still a box
         ious.append(float(box_iou(torch.tensor([predicted], dtype=torch.float64), torch.tensor([true], dtype=torch.float64))[0, 0]))
     return ious
 
