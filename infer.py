@@ -145,7 +145,8 @@ def draw_prediction(record) -> Image.Image:
     width, height = image.size
     line_width = max(2, round(max(width, height) / 250))
     margin = line_width + 1  # room for a box's line outside the image edge
-    font = ImageFont.load_default(size=max(12, max(width, height) // 40))
+    # Sized to the image, so captions stay legible once grid.jpg shrinks every picture to one cell.
+    font = ImageFont.load_default(size=max(12, max(width, height) // 24))
     result = "no box parsed" if record["pred_bbox"] is None else f"IoU {record['iou']:.2f}"
     lines = [
         [(f"{result}   ", "black"), ("truth ", TRUE_COLOR), ("prediction", PREDICTED_COLOR)],
