@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 
+from PIL import Image
+
 from conftest import REPO_DIR
 
 
@@ -31,3 +33,29 @@ def test_demo_pipeline_at_reduced_size(tmp_path):
     assert (workdir / "outputs" / "demo_eval" / "trained" / "vis" / "grid.jpg").is_file()
     assert "| trained tiny model |" in result.stdout and "| mean training box |" in result.stdout
     assert "sft_vqa_8gpu-z2.sh" in result.stdout  # ends by pointing at the real model's recipe
+
+
+def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
+    """scripts/check_generalisation.sh at reduced size: the data it draws really is the other
+    colours, shapes and 160-640 px sides, and the demo's config trains and is scored on it."""
+    workdir = tmp_path / "generalisation"
+    env = {**os.environ, "SWANLAB_MODE": "disabled"}
+    result = subprocess.run(
+        ["bash", "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", "32", "--num_test", "8", "--max_steps", "4"],
+        cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, f"exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+    data_dir = workdir / "data" / "demo"
+    for split, count in (("train", 32), ("test", 8)):
+        records = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
+        assert len(records) == count
+        for record in records:
+            colour, shape = record["query"].rstrip("?").split()[-2:]
+            assert colour in {"purple", "orange", "cyan", "pink"} and shape in {"diamond", "cross", "bar"}, record
+            with Image.open(data_dir / record["image"][0]) as image:
+                assert 160 <= min(image.size) and max(image.size) <= 640, (record, image.size)
+    state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    metrics = json.loads((workdir / "outputs" / "demo_eval" / "trained" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 8
