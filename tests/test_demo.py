@@ -9,14 +9,19 @@ from PIL import Image
 from conftest import REPO_DIR
 
 
-def test_demo_pipeline_at_reduced_size(tmp_path):
-    workdir = tmp_path / "demo"
+def run_bash_script(script, *flags):
+    """Run `bash <script> <flags>` from the repo root as a user would; fail with its output."""
     env = {**os.environ, "SWANLAB_MODE": "disabled"}
     result = subprocess.run(
-        ["bash", "scripts/demo.sh", "--workdir", workdir, "--num_samples", "64", "--num_test", "8", "--max_steps", "40"],
-        cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, f"demo.sh exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        ["bash", script, *map(str, flags)], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def test_demo_pipeline_at_reduced_size(tmp_path):
+    workdir = tmp_path / "demo"
+    result = run_bash_script("scripts/demo.sh", "--workdir", workdir, "--num_samples", 64, "--num_test", 8, "--max_steps", 40)
 
     # Training ran the requested steps and its loss fell.
     state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
@@ -39,12 +44,7 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     """scripts/check_generalisation.sh at reduced size: the data it draws really is the other
     colours, shapes and 160-640 px sides, and the demo's config trains and is scored on it."""
     workdir = tmp_path / "generalisation"
-    env = {**os.environ, "SWANLAB_MODE": "disabled"}
-    result = subprocess.run(
-        ["bash", "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", "32", "--num_test", "8", "--max_steps", "4"],
-        cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, f"exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    run_bash_script("scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--max_steps", 4)
 
     data_dir = workdir / "data" / "demo"
     for split, count in (("train", 32), ("test", 8)):
