@@ -32,6 +32,7 @@ from utils import (
     box_ious,
     box_to_original_frame,
     build_messages,
+    check_processor_kept_frame,
     load_image,
     load_sft_jsonl,
     parse_bbox,
@@ -98,13 +99,8 @@ def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_p
             processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch
         ]
         inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt").to(model.device)
-        for row, image, (_, grid_h, grid_w) in zip(batch, images, inputs["image_grid_thw"].tolist()):
-            seen_size = (grid_w * patch_size, grid_h * patch_size)
-            if seen_size != image.size:  # the box would be read in the wrong frame
-                raise ValueError(
-                    f"{row['image'][0]}: the processor resized {image.size} again to {seen_size}; "
-                    f"its min/max pixels differ from {IMAGE_SETTINGS_FILE}"
-                )
+        for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
+            check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, patch_size)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for text, image, original in zip(texts, images, originals):

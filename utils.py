@@ -174,6 +174,18 @@ def to_model_frame(image: Image.Image, settings: ImageSettings) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
+def check_processor_kept_frame(image_path: str, image_size, image_grid_thw, patch_size: int) -> None:
+    """Boxes are read in the model frame, so the processor must not have resized the image again
+    (it does when its min/max pixels differ from the ImageSettings the image was sized with)."""
+    _, grid_h, grid_w = (int(v) for v in image_grid_thw)
+    seen_size = (grid_w * patch_size, grid_h * patch_size)
+    if seen_size != tuple(image_size):
+        raise ValueError(
+            f"{image_path}: the processor resized {tuple(image_size)} again to {seen_size}; "
+            f"its min/max pixels differ from the image settings ({IMAGE_SETTINGS_FILE})"
+        )
+
+
 def scale_box(box, from_size: tuple[int, int], to_size: tuple[int, int]) -> list[float]:
     """Scale an [x1, y1, x2, y2] box per axis from one (width, height) frame to another."""
     scale_x = to_size[0] / from_size[0]

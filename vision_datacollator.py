@@ -17,6 +17,7 @@ from utils import (
     ImageSettings,
     box_to_model_frame,
     build_messages,
+    check_processor_kept_frame,
     format_answer,
     load_image,
     read_answer_box,
@@ -82,10 +83,8 @@ class Qwen2_5VLCollator:
 
         prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
         prompt_inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
-        grid_t, grid_h, grid_w = prompt_inputs["image_grid_thw"][0].tolist()
-        patch = self.image_settings.patch_size
-        if (grid_w * patch, grid_h * patch) != image.size:
-            raise RuntimeError(f"{image_path}: processor resized {image.size} to {(grid_w * patch, grid_h * patch)}")
+        patch_size = self.image_settings.patch_size
+        check_processor_kept_frame(image_path, image.size, prompt_inputs["image_grid_thw"][0], patch_size)
         # The answer is appended as token ids, exactly as generation will produce it after the prompt.
         answer_ids = self.tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         prompt_ids = prompt_inputs["input_ids"][0]
@@ -123,9 +122,9 @@ class Qwen2_5VLCollator:
         }
         if self.padding == "packed":
             return batch | self._pack(samples)
-        return batch | self._pad(samples)
+        return batch | self._pad(samples, batch["image_grid_thw"])
 
-    def _pad(self, samples):
+    def _pad(self, samples, image_grid_thw):
         length = self.max_seq_length if self.padding == "max_length" else max(len(s["input_ids"]) for s in samples)
 
         def pad(tensors, value):  # right padding, as training expects
@@ -134,7 +133,6 @@ class Qwen2_5VLCollator:
         input_ids = pad([s["input_ids"] for s in samples], self.tokenizer.pad_token_id)
         attention_mask = pad([torch.ones_like(s["input_ids"]) for s in samples], 0)
         mm_token_type_ids = pad([s["mm_token_type_ids"] for s in samples], 0)
-        image_grid_thw = torch.cat([s["image_grid_thw"] for s in samples])
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

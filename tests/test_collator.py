@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -144,6 +145,16 @@ def test_bad_inputs_give_clear_errors(processor, collator_rows, tmp_path):
             collator([{**good, "assistant": answer}])
     with pytest.raises(ValueError, match="padding"):
         Qwen2_5VLCollator(processor, padding="right")
+
+
+def test_processor_resizing_again_is_an_error(processor, collator_rows):
+    """Image settings whose min_pixels is below the processor's: a 28 px frame that the processor
+    would enlarge again, so the box would sit in the wrong frame. Training must refuse it."""
+    collator = Qwen2_5VLCollator(processor, max_img_side_length=28)
+    assert processor.image_processor.size["shortest_edge"] > 28 * 28
+    collator.image_settings = dataclasses.replace(collator.image_settings, min_pixels=28 * 28)
+    with pytest.raises(ValueError, match="the processor resized .* again"):
+        collator(collator_rows[:1])
 
 
 def test_image_modes_are_converted(processor, collator_rows, tmp_path):
