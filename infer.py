@@ -85,6 +85,20 @@ def resolve_image_settings(processor, settings_dirs, max_image_side) -> ImageSet
     return dataclasses.replace(saved, max_image_side=max_image_side)
 
 
+def read_true_boxes(path, rows) -> list[list[float]]:
+    """Every row's true box (original pixels); a missing image or bad answer exits naming the sample."""
+    true_boxes = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}: sample {number} ({row['image'][0]})"
+        if not os.path.isfile(row["image"][0]):
+            raise SystemExit(f"{where}: image not found")
+        try:
+            true_boxes.append(read_answer_box(row["assistant"]))
+        except ValueError as error:
+            raise SystemExit(f"{where}: {error}") from error
+    return true_boxes
+
+
 @torch.no_grad()
 def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_progress=True) -> list[dict]:
     """Greedy generation in batches; returns {"raw_output", "pred_bbox"} per row, boxes in original pixels."""
@@ -233,15 +247,7 @@ def main():
     rows = load_sft_jsonl(args.test_dataset_name)[: args.limit]
     if not rows:
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
-    true_boxes = []  # checked before the model loads: a bad sample fails in seconds, not after generation
-    for number, row in enumerate(rows, start=1):
-        where = f"{args.test_dataset_name}: sample {number} ({row['image'][0]})"
-        if not os.path.isfile(row["image"][0]):
-            raise SystemExit(f"{where}: image not found")
-        try:
-            true_boxes.append(read_answer_box(row["assistant"]))
-        except ValueError as error:
-            raise SystemExit(f"{where}: {error}") from error
+    true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
 
     # sft.py saves the processor it trained with beside the adapter.
     has_processor = args.adapter and os.path.isfile(os.path.join(args.adapter, "processor_config.json"))

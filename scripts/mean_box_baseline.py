@@ -14,8 +14,8 @@ import sys
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from infer import evaluate, print_summary  # noqa: E402
-from utils import load_sft_jsonl, read_answer_box, scale_box, write_json_atomic  # noqa: E402
+from infer import evaluate, print_summary, read_true_boxes  # noqa: E402
+from utils import load_sft_jsonl, scale_box, write_json_atomic  # noqa: E402
 
 
 def boxes_and_sizes(path: str):
@@ -23,12 +23,9 @@ def boxes_and_sizes(path: str):
     rows = load_sft_jsonl(path)
     if not rows:
         raise SystemExit(f"{path}: no samples")
-    boxes, sizes = [], []
-    for number, row in enumerate(rows, start=1):
-        try:
-            boxes.append(read_answer_box(row["assistant"]))
-        except ValueError as error:
-            raise SystemExit(f"{path}: sample {number} ({row['image'][0]}): {error}") from error
+    boxes = read_true_boxes(path, rows)
+    sizes = []
+    for row in rows:
         with Image.open(row["image"][0]) as image:  # reads the header only
             sizes.append(image.size)
     return rows, boxes, sizes
