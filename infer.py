@@ -36,6 +36,7 @@ from utils import (
     load_image,
     load_sft_jsonl,
     parse_bbox,
+    processor_dir,
     read_answer_box,
     to_model_frame,
     write_json_atomic,
@@ -249,9 +250,7 @@ def main():
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
     true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
 
-    # sft.py saves the processor it trained with beside the adapter.
-    has_processor = args.adapter and os.path.isfile(os.path.join(args.adapter, "processor_config.json"))
-    processor = AutoProcessor.from_pretrained(args.adapter if has_processor else args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.model_name_or_path))
     settings_dirs = [d for d in (args.adapter, args.model_name_or_path) if d]
     settings = resolve_image_settings(processor, settings_dirs, args.max_image_side)
     model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)

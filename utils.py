@@ -253,6 +253,15 @@ def load_sft_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def processor_dir(adapter_dir: str | None, base_model: str) -> str:
+    """Where to load the processor of a LoRA run: sft.py saves the one it trained with beside the
+    adapter; without an adapter, or an adapter saved without it, the base model's."""
+    saved_names = ("processor_config.json", "preprocessor_config.json")
+    if adapter_dir and any(os.path.isfile(os.path.join(adapter_dir, name)) for name in saved_names):
+        return adapter_dir
+    return base_model
+
+
 def write_json_atomic(path: str, value) -> None:
     tmp_path = f"{path}.tmp"
     with open(tmp_path, "w") as f:

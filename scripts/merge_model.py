@@ -18,7 +18,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import IMAGE_SETTINGS_FILE  # noqa: E402
+from utils import IMAGE_SETTINGS_FILE, processor_dir  # noqa: E402
 
 
 def same_base(trained_on: str, given: str) -> bool:
@@ -26,13 +26,6 @@ def same_base(trained_on: str, given: str) -> bool:
     if os.path.realpath(trained_on) == os.path.realpath(given):
         return True
     return os.path.basename(os.path.normpath(trained_on)) == os.path.basename(os.path.normpath(given))
-
-
-def first_dir_with(file_names, *directories):
-    for directory in directories:
-        if any(os.path.isfile(os.path.join(directory, name)) for name in file_names):
-            return directory
-    return None
 
 
 def main():
@@ -65,9 +58,9 @@ def main():
     model = model.merge_and_unload().to(base_dtype)
 
     # The processor and image settings travel with the adapter when training saved them there.
-    processor_dir = first_dir_with(["processor_config.json", "preprocessor_config.json"], args.adapter)
-    processor = AutoProcessor.from_pretrained(processor_dir or args.base_model)
-    settings_dir = first_dir_with([IMAGE_SETTINGS_FILE], args.adapter, args.base_model)
+    processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.base_model))
+    candidates = (args.adapter, args.base_model)
+    settings_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, IMAGE_SETTINGS_FILE))), None)
     if settings_dir is None:
         where = f"{args.adapter} or {args.base_model}"
         print(f"warning: no {IMAGE_SETTINGS_FILE} in {where}: infer.py will need --max_image_side", file=sys.stderr)
