@@ -5,248 +5,47 @@
         sft.py --config configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml
 
 Every YAML key can be overridden on the command line (`--max_steps 100`). The keys are the fields
-of the dataclasses below plus transformers' TrainingArguments. The run is written to
+of the dataclasses in training.py plus transformers' TrainingArguments. The run is written to
 `<parent of output_dir>/<gpu|cpu>_<name of output_dir>` (the tutorial's naming); an existing run
-there with checkpoints is resumed from its last one.
+there is resumed from its newest complete checkpoint. SIGTERM/SIGINT saves a checkpoint and exits
+with training.PREEMPTED_EXIT_CODE (75); the same command then resumes.
 """
 
 import logging
-import os
-from dataclasses import dataclass, field
+import sys
 
-import datasets
-import torch
 import transformers
-from peft import LoraConfig, get_peft_model
-from transformers import AutoProcessor, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import AutoProcessor
 from trl import TrlParser
 
-from utils import load_sft_jsonl
-from vision_datacollator import PADDING_MODES, TOO_LONG_ACTIONS, vision_data_collator_map
+from training import (
+    DataTrainingArguments,
+    LoraArguments,
+    ModelArguments,
+    PREEMPTED_EXIT_CODE,
+    SaveAndStopOnSignal,
+    SaveImageSettings,
+    SFTTrainingArguments,
+    Trainer,
+    check_config,
+    find_checkpoint,
+    load_model,
+    load_rows,
+    name_run_dir,
+    swanlab_callbacks,
+)
+from vision_datacollator import vision_data_collator_map
 
 logger = logging.getLogger("sft")
-TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-@dataclass
-class DataTrainingArguments:
-    train_dataset_name: str | None = field(
-        default=None, metadata={"help": "Training JSONL written by scripts/convert2sft_format.py."}
-    )
-    test_dataset_name: str | None = field(
-        default=None, metadata={"help": "Evaluation JSONL; required when eval_strategy is not 'no'."}
-    )
-    preprocessing_num_workers: int = field(
-        default=1,
-        metadata={
-            "help": "Accepted so the tutorial's YAML loads; unused: rows come from JSONL and images are decoded "
-            "by the collator (use dataloader_num_workers to decode them in parallel)."
-        },
-    )
-    data_collator: str = field(
-        default="Qwen2_5VLCollator", metadata={"help": f"One of {sorted(vision_data_collator_map)}."}
-    )
-    max_seq_length: int = field(
-        default=1024, metadata={"help": "Longest sample in tokens (image tokens included); see too_long."}
-    )
-    max_image_side: int = field(
-        default=256, metadata={"help": "Images are scaled so their longer side is this, then snapped to 28 px."}
-    )
-    padding: str = field(default="longest", metadata={"help": f"Batch layout, one of {PADDING_MODES}."})
-    too_long: str = field(
-        default="drop", metadata={"help": f"What to do with a sample over max_seq_length: {TOO_LONG_ACTIONS}."}
-    )
-
-
-@dataclass
-class ModelArguments:
-    auto_model_class: str = field(
-        default="Qwen2_5_VLForConditionalGeneration", metadata={"help": "A transformers model class name."}
-    )
-    model_name_or_path: str = field(
-        default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "A local model folder or a Hugging Face Hub id."}
-    )
-    processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Where to load the processor from; defaults to model_name_or_path."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code shipped with the checkpoint (not needed for Qwen2.5-VL)."}
-    )
-    torch_dtype: str = field(default="bfloat16", metadata={"help": f"Weights dtype, one of {TORCH_DTYPES}."})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2; default: transformers' choice."}
-    )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "Freeze the vision encoder (patch embedding and blocks, not the merger)."}
-    )
-    freeze_merger: bool = field(
-        default=False, metadata={"help": "Freeze the merger, the projector from vision to language features."}
-    )
-    freeze_llm: bool = field(
-        default=False, metadata={"help": "Freeze the language model, its embeddings and lm_head."}
-    )
-
-    def __post_init__(self):
-        if self.processor_name_or_path is None:
-            self.processor_name_or_path = self.model_name_or_path
-
-
-@dataclass
-class LoraArguments:
-    use_lora: bool = field(
-        default=False, metadata={"help": "Train LoRA adapters instead of the full model (freeze switches unused)."}
-    )
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Module names that get adapters; q/k/v/o_proj exist only in the language model."},
-    )
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    bias: str = field(default="none", metadata={"help": "peft's bias option: none, all or lora_only."})
-
-
-@dataclass
-class SFTTrainingArguments(TrainingArguments):
-    """TrainingArguments plus the tutorial keys that transformers 5 removed, so its YAML still works."""
-
-    warmup_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Deprecated (removed in transformers 5): mapped to warmup_steps, which takes a ratio < 1."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Train from scratch even if output_dir holds checkpoints."}
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Must stay false: the collator reads the raw image/user/assistant columns."}
-    )
-
-    def __post_init__(self):
-        if self.warmup_ratio is not None:
-            if self.warmup_steps:
-                raise ValueError("set warmup_steps or warmup_ratio, not both (warmup_steps < 1 is a ratio)")
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            logger.warning(
-                "warmup_ratio is deprecated in transformers 5: using warmup_steps: %s (a ratio of the total steps)",
-                self.warmup_ratio,
-            )
-            self.warmup_steps, self.warmup_ratio = self.warmup_ratio, None
-        super().__post_init__()
-
-
-class SaveImageSettings(TrainerCallback):
-    """Every checkpoint gets the image settings too, so any checkpoint can be used for inference."""
-
-    def __init__(self, image_settings):
-        self.image_settings = image_settings
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.image_settings.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-
-
-def swanlab_callbacks(training_args) -> list:
-    """report_to swanlab through SwanLab's own Trainer callback: transformers 5's built-in one expects
-    swanlab.get_run() to return None before a run exists, and swanlab 0.10 raises instead."""
-    if "swanlab" not in training_args.report_to:
-        return []
-    from swanlab.integration.transformers import SwanLabCallback
-
-    training_args.report_to = [name for name in training_args.report_to if name != "swanlab"]
-    return [SwanLabCallback(project=os.getenv("SWANLAB_PROJECT"), experiment_name=training_args.run_name)]
-
-
-def check_config(data_args, training_args, model_args, lora_args):
-    """Every mistake visible without loading anything, reported together, before minutes of model loading."""
-    problems = []
-    if data_args.data_collator not in vision_data_collator_map:
-        known = sorted(vision_data_collator_map)
-        problems.append(f"data_collator: unknown {data_args.data_collator!r}, use one of {known}")
-    if data_args.padding not in PADDING_MODES:
-        problems.append(f"padding: unknown {data_args.padding!r}, use one of {PADDING_MODES}")
-    if data_args.too_long not in TOO_LONG_ACTIONS:
-        problems.append(f"too_long: unknown {data_args.too_long!r}, use one of {TOO_LONG_ACTIONS}")
-    for key in ("max_seq_length", "max_image_side"):
-        if getattr(data_args, key) <= 0:
-            problems.append(f"{key}: must be positive, got {getattr(data_args, key)}")
-    if not hasattr(transformers, model_args.auto_model_class):
-        problems.append(f"auto_model_class: transformers has no class {model_args.auto_model_class!r}")
-    if model_args.torch_dtype not in TORCH_DTYPES:
-        problems.append(f"torch_dtype: unknown {model_args.torch_dtype!r}, use one of {TORCH_DTYPES}")
-    if model_args.freeze_vision_tower and model_args.freeze_merger and model_args.freeze_llm and not lora_args.use_lora:
-        problems.append("freeze_vision_tower, freeze_merger and freeze_llm are all true: nothing is left to train")
-    if training_args.remove_unused_columns:
-        problems.append("remove_unused_columns: must be false, the collator reads the raw image/user/assistant columns")
-    evaluating = training_args.eval_strategy != "no"
-    for key, needed in (("train_dataset_name", True), ("test_dataset_name", evaluating)):
-        path = getattr(data_args, key)
-        if path is None and needed:
-            problems.append(f"{key}: not set" + (" (needed by eval_strategy)" if evaluating else ""))
-        elif needed and not os.path.isfile(path):
-            problems.append(f"{key}: file not found: {path} (write it with scripts/convert2sft_format.py)")
-    if problems:
-        raise ValueError("bad config:\n  - " + "\n  - ".join(problems))
-
-
-def load_rows(path: str) -> datasets.Dataset:
-    """Converter JSONL -> Dataset (image, user, assistant); missing images fail now, not mid-training."""
-    rows = load_sft_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path} holds no samples")
-    missing = [row["image"][0] for row in rows if not os.path.isfile(row["image"][0])]
-    if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} of {len(rows)} images not found, e.g. {missing[0]}")
-    return datasets.Dataset.from_list(rows)
-
-
-def find_checkpoint(training_args) -> str | None:
-    """The tutorial's resume rule: a non-empty output_dir must hold a checkpoint to resume from."""
-    output_dir = training_args.output_dir
-    if training_args.overwrite_output_dir or not os.path.isdir(output_dir) or not os.listdir(output_dir):
-        return None
-    last_checkpoint = get_last_checkpoint(output_dir)
-    if last_checkpoint is None:
-        raise ValueError(
-            f"output_dir {output_dir} is not empty and holds no {PREFIX_CHECKPOINT_DIR}-* folder to resume from: "
-            "choose another output_dir, or pass --overwrite_output_dir true to train from scratch into it"
-        )
-    logger.info(
-        "Checkpoint detected, resuming training at %s. To train from scratch, change --output_dir "
-        "or pass --overwrite_output_dir true.",
-        last_checkpoint,
-    )
-    return last_checkpoint
-
-
-def freeze_parts(model, model_args) -> None:
-    """The tutorial's switches. Vision tower = every visual module but the merger."""
-    visual = model.model.visual
-    parts = (
-        (model_args.freeze_vision_tower, [module for name, module in visual.named_children() if name != "merger"]),
-        (model_args.freeze_merger, [visual.merger]),
-        (model_args.freeze_llm, [model.model.language_model, model.lm_head]),
-    )
-    for frozen, modules in parts:
-        for module in modules if frozen else []:
-            module.requires_grad_(False)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    # Under ZeRO-3 init a parameter is a partition; ds_numel is its full size.
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
-    return sum(size for size, trainable in sizes if trainable), sum(size for size, _ in sizes)
-
-
-def main(data_args, training_args, model_args, lora_args):
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    # The tutorial's naming: a device prefix on the run name, e.g. outputs/gpu_SFT_..._vqa.
-    device_type = "gpu" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
-    parent_dir, name = os.path.split(os.path.normpath(training_args.output_dir))
-    training_args.output_dir = os.path.join(parent_dir, f"{device_type}_{name}")
-    training_args.run_name = training_args.run_name or f"{device_type}_{name}"
-
+def main(data_args, training_args, model_args, lora_args) -> int:
+    """Train; return the exit status (0, or PREEMPTED_EXIT_CODE when a signal stopped the run)."""
+    for name in ("sft", "training"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    # Installed first: a signal during the minutes of loading still saves after the first step.
+    save_and_stop = SaveAndStopOnSignal()
+    name_run_dir(training_args)
     check_config(data_args, training_args, model_args, lora_args)
     train_dataset = load_rows(data_args.train_dataset_name)
     eval_dataset = load_rows(data_args.test_dataset_name) if training_args.eval_strategy != "no" else None
@@ -264,25 +63,7 @@ def main(data_args, training_args, model_args, lora_args):
         padding=data_args.padding,
         too_long=data_args.too_long,
     )
-    model = getattr(transformers, model_args.auto_model_class).from_pretrained(
-        model_args.model_name_or_path,
-        dtype=model_args.torch_dtype,
-        trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-    )
-    freeze_parts(model, model_args)
-    if lora_args.use_lora:
-        lora_config = LoraConfig(
-            r=lora_args.r,
-            lora_alpha=lora_args.lora_alpha,
-            target_modules=lora_args.target_modules,
-            lora_dropout=lora_args.lora_dropout,
-            bias=lora_args.bias,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora_config)
-    trainable, total = count_parameters(model)
-    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    model = load_model(model_args, lora_args)
 
     trainer = Trainer(
         model=model,
@@ -291,7 +72,7 @@ def main(data_args, training_args, model_args, lora_args):
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=processor,
-        callbacks=[SaveImageSettings(data_collator.image_settings), *swanlab_callbacks(training_args)],
+        callbacks=[SaveImageSettings(data_collator.image_settings), save_and_stop, *swanlab_callbacks(training_args)],
     )
     state = trainer.accelerator.state
     logger.info(
@@ -301,15 +82,18 @@ def main(data_args, training_args, model_args, lora_args):
         f", ZeRO stage {state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "",
     )
     trainer.train(resume_from_checkpoint=last_checkpoint)
+    if save_and_stop.preempted:
+        return PREEMPTED_EXIT_CODE
     # save_model writes the model (or, with LoRA, the adapter) and the processor; every rank takes part.
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         data_collator.image_settings.save(training_args.output_dir)
         logger.info("model, processor and image settings saved to %s", training_args.output_dir)
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = TrlParser((DataTrainingArguments, SFTTrainingArguments, ModelArguments, LoraArguments))
-    main(*parser.parse_args_and_config())
+    sys.exit(main(*parser.parse_args_and_config()))
