@@ -215,7 +215,7 @@ def checkpoint_problem(checkpoint_dir: str) -> str | None:
 
 def find_checkpoint(training_args) -> str | None:
     """The newest complete checkpoint-N in output_dir to resume from, None for a fresh run. Newer incomplete
-    ones (a save cut short by a kill) are renamed checkpoint-N.incomplete so they are never picked again:
+    ones (a save cut short by a kill) are renamed incomplete-checkpoint-N so they are never picked again:
     rank 0 renames first, then the other ranks look at what is left, so every rank picks the same one."""
     output_dir = training_args.output_dir
     if training_args.overwrite_output_dir or not os.path.isdir(output_dir) or not os.listdir(output_dir):
@@ -233,8 +233,11 @@ def find_checkpoint(training_args) -> str | None:
                 )
                 return checkpoint_dir
             if training_args.process_index == 0:
-                moved_to = next(f"{checkpoint_dir}.incomplete{n or ''}" for n in range(1000)
-                                if not os.path.exists(f"{checkpoint_dir}.incomplete{n or ''}"))  # fmt: skip
+                # Not checkpoint-N.incomplete: Trainer's save_total_limit rotation globs checkpoint-* and deletes it.
+                moved_to, copies = os.path.join(output_dir, f"incomplete-{name}"), 1
+                while os.path.exists(moved_to):  # torn at the same step before: keep that one too
+                    copies += 1
+                    moved_to = os.path.join(output_dir, f"incomplete{copies}-{name}")
                 os.rename(checkpoint_dir, moved_to)
                 logger.warning("incomplete checkpoint %s (%s): moved aside to %s", checkpoint_dir, problem, moved_to)
     raise ValueError(

@@ -37,6 +37,17 @@ def synthetic_dataset_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sft_data_dir(synthetic_dataset_dir, tmp_path_factory):
+    """The converter's JSONL (boxes in original pixels) from the synthetic dataset: 16 train, 4 test rows."""
+    data_dir = tmp_path_factory.mktemp("sft_data")
+    run_script(
+        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
+        "--train_range", "0:16", "--test_range", "16:20", "--num_workers", 1,
+    )  # fmt: skip
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_model_dir):
     from transformers import AutoProcessor
 

@@ -5,9 +5,11 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -17,17 +19,6 @@ from conftest import REPO_DIR, run_script
 from utils import ImageSettings
 
 TINY_CONFIG = "configs/tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def sft_data_dir(synthetic_dataset_dir, tmp_path_factory):
-    """The converter's JSONL (boxes in original pixels) from the synthetic dataset: 16 train, 4 test rows."""
-    data_dir = tmp_path_factory.mktemp("sft_data")
-    run_script(
-        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
-        "--train_range", "0:16", "--test_range", "16:20", "--num_workers", 1,
-    )  # fmt: skip
-    return data_dir
 
 
 def tiny_args(tiny_model_dir, sft_data_dir, output_dir):
@@ -54,13 +45,19 @@ def load_weights(model_dir):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).state_dict()
 
 
+def assert_same_weights(actual, expected):
+    assert actual.keys() == expected.keys()
+    assert all(actual[name].equal(expected[name]) for name in expected)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def accelerate_launch(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
+def accelerate_command(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
+    """`accelerate launch` of sft.py on 2 CPU processes, and the environment to run it in."""
     command = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
         "--config_file", config_file,
@@ -72,44 +69,81 @@ def accelerate_launch(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
     # The venv's bin first, as scripts/test.sh has it: DeepSpeed JIT-builds its CPU comm op with the ninja on
     # PATH, and a different ninja than last time rebuilds it (about 2 minutes on 2 cores).
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
+    return command, {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
+
+
+def accelerate_launch(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
+    command, env = accelerate_command(*args, config_file=config_file)
     result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result.stdout + result.stderr
 
 
-def test_deepspeed_zero2_two_processes_trains_saves_and_resumes(tiny_model_dir, sft_data_dir, tmp_path):
-    args = tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero2")
-    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 12)
+def logged_steps(steps):
+    return lambda log: log.count("'loss'") >= steps
+
+
+def signal_when(command, env, log_path, ready, signum=signal.SIGTERM, timeout=600):
+    """Start `command` in its own process group, logging to log_path; once ready(log text) holds, send
+    `signum` to the whole group, as Slurm and a terminal's Ctrl-C do; return the exit status and the log."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready(open(log_path).read()):
+        assert process.poll() is None, f"exited {process.returncode} too early:\n{open(log_path).read()}"
+        assert time.monotonic() < deadline, open(log_path).read()
+        time.sleep(0.2)
+    os.killpg(process.pid, signum)
+    return process.wait(timeout=timeout), open(log_path).read()
+
+
+def assert_resumed_curve(history, checkpoint_history, resumed_at, max_steps):
+    """One record per step 1..max_steps; the ones up to the checkpoint are its own (a restart would log other
+    learning rates), and the first loss after resuming is nearer the checkpoint's last than the first loss (a
+    resume that kept the base weights starts over near the first)."""
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, max_steps + 1))
+    before = [entry for entry in checkpoint_history if "loss" in entry]
+    assert [entry for entry in history if "loss" in entry][:resumed_at] == before
+    curve = losses(history)
+    assert abs(curve[resumed_at] - curve[resumed_at - 1]) < abs(curve[resumed_at] - curve[0]), curve
+
+
+def test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes(tiny_model_dir, sft_data_dir, tmp_path):
+    """SIGTERM to `accelerate launch` (2 processes, ZeRO-2) mid-run: both ranks save the same step and stop;
+    resuming restores the checkpoint's weights, and the same command continues the loss curve to max_steps."""
+    args = [*tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero2"), "--use_cpu", "true",
+            "--max_steps", 8, "--save_steps", 8]  # fmt: skip
+    command, env = accelerate_command(*args)
+    returncode, log = signal_when(command, env, tmp_path / "run1.log", logged_steps(2))
     run_dir = tmp_path / "cpu_zero2"  # the tutorial's device prefix
     assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 2" in log
+    # torch's launcher forwards the signal to the ranks, waits for them, then fails (exit 1) itself.
+    assert returncode != 0
+    (checkpoint,) = glob.glob(str(run_dir / "checkpoint-*"))
+    stopped_at = int(checkpoint.rsplit("-", 1)[1])
+    assert 2 <= stopped_at < 8
+    assert f"preempted: saved {checkpoint} at step {stopped_at} of 8" in log
     # ZeRO-2 shards the optimizer state: one shard per rank in the checkpoint.
-    shards = sorted(os.listdir(run_dir / "checkpoint-12" / "global_step12"))
+    shards = sorted(os.listdir(os.path.join(checkpoint, f"global_step{stopped_at}")))
     assert [name for name in shards if "optim_states" in name] == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    first_history = log_history(run_dir)
-    first_losses = losses(first_history)
-    assert len(first_losses) == 12
-    assert sum(first_losses[-3:]) / 3 < 0.85 * sum(first_losses[:3]) / 3, first_losses
+    checkpoint_history = log_history(checkpoint)
 
+    log = accelerate_launch(*args)
+    assert f"Checkpoint detected, resuming training at {checkpoint}" in log
+    assert_resumed_curve(log_history(run_dir), checkpoint_history, stopped_at, 8)
+    # Once more: resumed at max_steps (8 = 4 epochs of 2 batches per rank), it trains nothing and saves what it loaded.
+    log = accelerate_launch(*args)
+    assert f"Checkpoint detected, resuming training at {run_dir / 'checkpoint-8'}" in log
+    assert_same_weights(load_weights(run_dir), load_weights(run_dir / "checkpoint-8"))
     trained = load_weights(run_dir)
     AutoProcessor.from_pretrained(run_dir)
     assert ImageSettings.load(run_dir).max_image_side == 112
     initial = load_weights(tiny_model_dir)
     assert any(not trained[name].equal(initial[name]) for name in initial)
-
-    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 17)
-    assert f"Checkpoint detected, resuming training at {run_dir / 'checkpoint-12'}" in log
-    history = log_history(run_dir)
-    steps = [entry["step"] for entry in history if "loss" in entry]
-    assert steps == list(range(1, 18))
-    # Steps 1-12 are run 1's own records: a restart would log other learning rates (cosine over 17 steps).
-    assert [entry for entry in history if entry["step"] <= 12 and "loss" in entry] == [
-        entry for entry in first_history if "loss" in entry
-    ]
-    assert not load_weights(run_dir)["lm_head.weight"].equal(trained["lm_head.weight"])
 
 
 def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, sft_data_dir, tmp_path):
