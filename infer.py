@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from utils import (
+    DEFAULT_MAX_IMAGE_SIDE,
     IMAGE_SETTINGS_FILE,
     ImageSettings,
     box_ious,
@@ -42,7 +43,6 @@ from utils import (
     write_json_atomic,
 )
 
-DEFAULT_MAX_IMAGE_SIDE = 1024
 TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 0, 0)
 GRID_COLUMNS, GRID_CELL = 4, 320
 

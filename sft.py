@@ -59,7 +59,7 @@ def main(data_args, training_args, model_args, lora_args) -> int:
     data_collator = vision_data_collator_map[data_args.data_collator](
         processor=processor,
         max_seq_length=data_args.max_seq_length,
-        max_img_side_length=data_args.max_image_side,
+        max_image_side=data_args.max_image_side,
         padding=data_args.padding,
         too_long=data_args.too_long,
     )

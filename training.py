@@ -19,8 +19,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import is_liger_kernel_available
 
-from utils import load_sft_jsonl
+from utils import DEFAULT_MAX_IMAGE_SIDE, load_sft_jsonl
 from vision_datacollator import PADDING_MODES, TOO_LONG_ACTIONS, vision_data_collator_map
 
 logger = logging.getLogger("training")
@@ -55,7 +56,8 @@ class DataTrainingArguments:
         default=1024, metadata={"help": "Longest sample in tokens (image tokens included); see too_long."}
     )
     max_image_side: int = field(
-        default=256, metadata={"help": "Images are scaled so their longer side is this, then snapped to 28 px."}
+        default=DEFAULT_MAX_IMAGE_SIDE,
+        metadata={"help": "Images are scaled so their longer side is this, then snapped to 28 px."},
     )
     padding: str = field(default="longest", metadata={"help": f"Batch layout, one of {PADDING_MODES}."})
     too_long: str = field(
@@ -148,6 +150,21 @@ def name_run_dir(training_args) -> None:
     training_args.run_name = training_args.run_name or f"{device_type}_{name}"
 
 
+def liger_kernel_problems(training_args) -> list[str]:
+    """Trainer applies Liger kernels when training starts, after minutes of model loading, and only then
+    raises if liger-kernel is missing; its Triton kernels also need a CUDA GPU."""
+    if not training_args.use_liger_kernel:
+        return []
+    if not is_liger_kernel_available():
+        return [
+            "use_liger_kernel: true needs liger-kernel >= 0.3.0, which is not installed: "
+            "pip install -r requirements-gpu.txt (NVIDIA GPU machines), or set use_liger_kernel: false"
+        ]
+    if training_args.use_cpu or not torch.cuda.is_available():
+        return ["use_liger_kernel: Liger's Triton kernels need a CUDA GPU; set use_liger_kernel: false on CPU"]
+    return []
+
+
 def check_config(data_args, training_args, model_args, lora_args):
     """Every mistake visible without loading anything, reported together, before minutes of model loading."""
     problems = []
@@ -167,6 +184,7 @@ def check_config(data_args, training_args, model_args, lora_args):
         problems.append(f"torch_dtype: unknown {model_args.torch_dtype!r}, use one of {TORCH_DTYPES}")
     if model_args.freeze_vision_tower and model_args.freeze_merger and model_args.freeze_llm and not lora_args.use_lora:
         problems.append("freeze_vision_tower, freeze_merger and freeze_llm are all true: nothing is left to train")
+    problems += liger_kernel_problems(training_args)
     if training_args.remove_unused_columns:
         problems.append("remove_unused_columns: must be false, the collator reads the raw image/user/assistant columns")
     evaluating = training_args.eval_strategy != "no"

@@ -1,7 +1,7 @@
 """Helpers shared by conversion, training and inference, so the three can never drift apart.
 
 Coordinate convention everywhere: boxes are [x1, y1, x2, y2] in pixel-edge coordinates of one
-image frame (0 <= x1 < x2 <= width). Three frames exist:
+image frame (0 <= x1 < x2 <= width). Two frames exist:
   original  the image file on disk (what the converter writes and what metrics use);
   model     the exact size the model sees: the image scaled so its longer side is
             `max_image_side`, then snapped by Qwen2.5-VL's smart_resize to multiples of
@@ -22,6 +22,9 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 IGNORE_INDEX = -100
 IMAGE_SETTINGS_FILE = "grounding_image_settings.json"
+# The longer image side before snapping, wherever none is given (sft.py, the collator, infer.py without
+# saved settings, the benchmark): the tutorial's 256. A 640x480 TextVQA image becomes 252x196, 63 image tokens.
+DEFAULT_MAX_IMAGE_SIDE = 256
 # The tutorial's instruction, appended to every question at training and inference time.
 PROMPT_SUFFIX = (
     "Please enclose the corresponding positions using coordinate boxes. "

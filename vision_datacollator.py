@@ -13,6 +13,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from utils import (
+    DEFAULT_MAX_IMAGE_SIDE,
     IGNORE_INDEX,
     ImageSettings,
     box_to_model_frame,
@@ -53,9 +54,23 @@ class Qwen2_5VLCollator:
     the longest row of the batch) or "packed" (one row, no padding; position ids in the (4, 1, L)
     form that transformers reads as packed, so attention never crosses samples).
     too_long: a sample longer than max_seq_length is never truncated (that would cut image
-    tokens); it is dropped with a warning and counted in `num_dropped`, or raises."""
+    tokens); it is dropped with a warning and counted in `num_dropped`, or raises.
+    max_image_side: the longer image side before snapping (utils.DEFAULT_MAX_IMAGE_SIDE); the
+    tutorial's name for it, max_img_side_length, is accepted too."""
 
-    def __init__(self, processor, max_seq_length=1024, max_img_side_length=1024, padding="longest", too_long="drop"):
+    def __init__(
+        self,
+        processor,
+        max_seq_length=1024,
+        max_image_side=DEFAULT_MAX_IMAGE_SIDE,
+        padding="longest",
+        too_long="drop",
+        max_img_side_length=None,
+    ):
+        if max_img_side_length is not None:
+            if max_image_side not in (DEFAULT_MAX_IMAGE_SIDE, max_img_side_length):
+                raise ValueError(f"max_image_side={max_image_side} and max_img_side_length={max_img_side_length}: give one")
+            max_image_side = max_img_side_length
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         if too_long not in TOO_LONG_ACTIONS:
@@ -65,7 +80,7 @@ class Qwen2_5VLCollator:
         self.max_seq_length = max_seq_length
         self.padding = padding
         self.too_long = too_long
-        self.image_settings = ImageSettings.from_processor(processor, max_img_side_length)
+        self.image_settings = ImageSettings.from_processor(processor, max_image_side)
         self.rope_index = _RopeIndex(self.image_settings.merge_size)
         self.num_dropped = 0
 

@@ -1,13 +1,16 @@
-"""Measure collation, training and inference speed side by side, in one process, and print tables.
+"""Measure data loading, training and inference speed side by side, in one process, and print tables.
 
     python scripts/benchmark.py                      # CPU, tiny model built on the fly
     python scripts/benchmark.py --device cuda --arch 3b --attn sdpa flash_attention_2
+    python scripts/benchmark.py --device cuda --arch 3b --layouts max_length:1 packed:16 --liger
 
 Every figure in a table comes from the same run on the same batches, so ratios are fair on a
 noisy machine. Modes are interleaved round by round instead of run one after another.
 """
 
 import argparse
+import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -22,7 +25,7 @@ from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from infer import predict  # noqa: E402
-from utils import ImageSettings  # noqa: E402
+from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, build_messages, load_image, to_model_frame  # noqa: E402
 from vision_datacollator import PADDING_MODES, Qwen2_5VLCollator  # noqa: E402
 
 # Qwen2.5-VL-3B-Instruct's architecture (sizes only; token ids come from the processor in use).
@@ -39,6 +42,30 @@ ARCH_3B = dict(
     tie_word_embeddings=True,
 )  # fmt: skip
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+ASSUMED_MFU = 0.4  # what a well-fed 3B fine-tuning run reaches on an H100: an assumption, not a measurement
+LIBRARIES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "liger-kernel", "flash-attn")
+
+
+def library_versions() -> str:
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    return ", ".join(versions)
+
+
+def parameter_split(model) -> tuple[int, int]:
+    """(language model + lm_head, vision tower) parameter counts; tied embeddings count once."""
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    return sum(p.numel() for p in model.parameters()) - vision, vision
+
+
+def training_flops(text_parameters, vision_parameters, tokens, patches) -> float:
+    """Forward + backward matmul FLOPs: 6 per parameter per token (text) or patch (vision) it sees;
+    attention scores are left out (sequences here are short)."""
+    return 6 * (text_parameters * tokens + vision_parameters * patches)
 
 
 def run(*args):
@@ -60,17 +87,26 @@ def build_inputs(args, workdir):
     return model_dir, load_sft_jsonl(os.path.join(workdir, "sft", "train.jsonl"))
 
 
+def config_3b(processor) -> Qwen2_5_VLConfig:
+    tokenizer = processor.tokenizer
+    return Qwen2_5_VLConfig(
+        **ARCH_3B,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+
+
+def parameter_split_3b(processor) -> tuple[int, int]:
+    with torch.device("meta"):  # sizes only, no memory
+        return parameter_split(Qwen2_5_VLForConditionalGeneration(config_3b(processor)))
+
+
 def load_model(args, model_dir, processor, attn_implementation):
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.arch == "3b":
-        tokenizer = processor.tokenizer
-        config = Qwen2_5_VLConfig(
-            **ARCH_3B,
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        )
+        config = config_3b(processor)
         config._attn_implementation = attn_implementation
         with torch.device(args.device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)  # random init: speed, not quality
@@ -78,10 +114,17 @@ def load_model(args, model_dir, processor, attn_implementation):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation
         ).to(args.device)
-    if args.lora:
+    if args.liger:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, None)  # what Trainer does for use_liger_kernel: true
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora:  # configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml's adapters
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model = get_peft_model(model, lora)
     return model
 
 
@@ -94,68 +137,137 @@ def real_tokens(batch) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+def parse_layout(text: str, default_batch_size: int) -> tuple[str, int]:
+    """"packed:16" -> ("packed", 16); "packed" -> ("packed", --batch_size)."""
+    padding, _, batch_size = text.partition(":")
+    if padding not in PADDING_MODES:
+        raise SystemExit(f"--layouts: {text!r}: padding must be one of {PADDING_MODES}")
+    return padding, int(batch_size or default_batch_size)
+
+
+def bench_loading(processor, rows, args, text_parameters, vision_parameters):
+    """Can dataloader workers feed the GPU? One process's collator rate against the 3B model's appetite."""
+    print(f"\n## Data loading: collator in one process (= one dataloader worker), {len(rows)} TextVQA-sized JPEGs")
+    print(
+        f"3B consumption: samples/s that full fine-tuning of Qwen2.5-VL-3B would take on one H100 at "
+        f"{ASSUMED_MFU:.0%} MFU, estimated from FLOPs ({text_parameters / 1e9:.2f}B language + "
+        f"{vision_parameters / 1e9:.2f}B vision parameters), not measured."
+    )
+    print("| max_image_side | tokens / sample | image patches / sample | collator samples/s per worker | 3B consumption samples/s (estimate) | workers for 2x |")
+    print("|---|---|---|---|---|---|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker, which PyTorch limits to one thread
+    for side in args.loading_sides:
+        collator = Qwen2_5VLCollator(processor, max_seq_length=1_000_000, max_image_side=side)
+        collator.encode(rows[0])  # warm-up
+        start = time.perf_counter()
+        samples = [collator.encode(row) for row in rows]
+        rate = len(rows) / (time.perf_counter() - start)
+        tokens = sum(len(s["input_ids"]) for s in samples) / len(samples)
+        patches = sum(len(s["pixel_values"]) for s in samples) / len(samples)
+        flops = training_flops(text_parameters, vision_parameters, tokens, patches)
+        consumption = ASSUMED_MFU * PEAK_BF16_FLOPS["H100"] / flops
+        workers = math.ceil(2 * consumption / rate)
+        print(f"| {side} | {tokens:.1f} | {patches:.1f} | {rate:.1f} | {consumption:.0f} | {workers} |")
+    torch.set_num_threads(threads)
+
+
+def bench_encode_stages(processor, rows, args):
+    """Where encode's time goes, each stage timed on the same rows in the same run."""
+    settings = ImageSettings.from_processor(processor, args.max_image_side)
+    images = [load_image(row["image"][0]) for row in rows]
+    framed = [to_model_frame(image, settings) for image in images]
+    prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in rows]
+    stages = {
+        "load_image (JPEG decode, RGB)": lambda i: load_image(rows[i]["image"][0]),
+        "to_model_frame (PIL bicubic resize)": lambda i: to_model_frame(images[i], settings),
+        "chat template": lambda i: processor.apply_chat_template(build_messages(rows[i]["user"]), add_generation_prompt=True),
+        "processor (tokens + pixel values)": lambda i: processor(text=[prompts[i]], images=[framed[i]], return_tensors="pt"),
+        # The frame is already a multiple of 28 px: the processor's own resize keeps it (same pixels).
+        "processor, its no-op resize skipped": lambda i: processor(
+            text=[prompts[i]], images=[framed[i]], return_tensors="pt", do_resize=False
+        ),
+    }
+    print(f"\n## Collator encode, stage by stage (max_image_side {args.max_image_side}, {len(rows)} samples, 1 thread)")
+    print(f"image processor: {type(processor.image_processor).__name__}")
+    print("| stage | ms per sample |")
+    print("|---|---|")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, stage in stages.items():
+        stage(0)
+        start = time.perf_counter()
+        for index in range(len(rows)):
+            stage(index)
+        print(f"| {name} | {(time.perf_counter() - start) / len(rows) * 1000:.2f} |")
+    torch.set_num_threads(threads)
+
+
 def bench_collator(processor, rows, args):
-    print(f"\n## Collator (batch {args.batch_size}, max_image_side {args.max_image_side}, max_seq_length {args.max_seq_length})")
-    print("| padding | real tokens / computed tokens | ms per sample |")
-    print("|---|---|---|")
+    print(f"\n## Collator (max_image_side {args.max_image_side}, max_seq_length {args.max_seq_length})")
+    print("| padding | batch | real tokens / computed tokens | ms per sample |")
+    print("|---|---|---|---|")
     batches = {}
-    for padding in PADDING_MODES:
+    for layout in args.layouts:
+        padding, batch_size = parse_layout(layout, args.batch_size)
         collator = Qwen2_5VLCollator(processor, args.max_seq_length, args.max_image_side, padding=padding)
         start = time.perf_counter()
-        batches[padding] = [collator(rows[i : i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
+        batches[layout] = [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
         per_sample_ms = (time.perf_counter() - start) / len(rows) * 1000
-        real = sum(real_tokens(b) for b in batches[padding])
-        computed = sum(b["input_ids"].numel() for b in batches[padding])
-        print(f"| {padding} | {real / computed:.1%} | {per_sample_ms:.1f} |")
+        real = sum(real_tokens(b) for b in batches[layout])
+        computed = sum(b["input_ids"].numel() for b in batches[layout])
+        print(f"| {padding} | {batch_size} | {real / computed:.1%} | {per_sample_ms:.1f} |")
         if collator.num_dropped:
             print(f"  ({collator.num_dropped} samples dropped as too long)")
     return batches
 
 
-def bench_training(model, batches, args, attn_implementation, num_parameters):
+def bench_training(model, batches, args, label):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
+    text_parameters, vision_parameters = parameter_split(model.base_model.model if args.lora else model)
 
     def step(batch):
         batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return batch
 
-    seconds = {padding: 0.0 for padding in batches}
-    tokens = {padding: 0 for padding in batches}
-    for padding in batches:  # warm-up: allocator, kernels, lazy init
-        step(batches[padding][0])
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    cuda = args.device == "cuda"
+    peak_memory = {}
+    for layout, layout_batches in batches.items():  # warm-up (allocator, kernels, lazy init) and peak memory
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step(max(layout_batches, key=lambda b: b["input_ids"].numel()))
+        peak_memory[layout] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
+    seconds = dict.fromkeys(batches, 0.0)
     for _ in tqdm(range(args.rounds), desc="training rounds"):
-        for padding, padding_batches in batches.items():  # interleaved, so drift hits all modes alike
-            for batch in padding_batches:
+        for layout, layout_batches in batches.items():  # interleaved, so drift hits all layouts alike
+            for batch in layout_batches:
                 synchronize(args.device)
                 start = time.perf_counter()
                 step(batch)
                 synchronize(args.device)
-                seconds[padding] += time.perf_counter() - start
-                tokens[padding] += real_tokens(batch)
-    num_samples = sum(len(b["image_grid_thw"]) for b in batches["longest"]) * args.rounds
-    baseline = num_samples / seconds["max_length"]
-    label = f"{args.arch}{' LoRA' if args.lora else ' full'}, {attn_implementation}, {args.device}"
+                seconds[layout] += time.perf_counter() - start
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
     print(f"\n## Training step: forward + backward + AdamW ({label})")
-    print("| padding | samples/s | vs max_length | ms per step |" + (" MFU |" if args.device == "cuda" else ""))
-    print("|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
-    for padding in batches:
-        rate = num_samples / seconds[padding]
-        step_ms = seconds[padding] / (len(batches[padding]) * args.rounds) * 1000
-        row = f"| {padding} | {rate:.2f} | {rate / baseline:.2f}x | {step_ms:.0f} |"
-        if args.device == "cuda":
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-            # 6 * params * real tokens: the useful forward + backward FLOPs (vision patches not counted).
-            mfu = 6 * num_parameters * tokens[padding] / seconds[padding] / peak if peak else float("nan")
-            row += f" {mfu:.1%} |"
-        print(row)
-    if args.device == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
+    print("| padding | batch | samples/s | vs first | tokens/s | MFU | peak memory GiB |")
+    print("|---|---|---|---|---|---|---|")
+    baseline = None
+    for layout, layout_batches in batches.items():
+        padding, batch_size = parse_layout(layout, args.batch_size)
+        samples = sum(len(b["image_grid_thw"]) for b in layout_batches) * args.rounds
+        tokens = sum(real_tokens(b) for b in layout_batches) * args.rounds
+        patches = sum(len(b["pixel_values"]) for b in layout_batches) * args.rounds
+        rate = samples / seconds[layout]
+        baseline = baseline or rate
+        flops = training_flops(text_parameters, vision_parameters, tokens, patches)
+        mfu = f"{flops / seconds[layout] / peak_flops:.1%}" if peak_flops else "n/a"
+        print(
+            f"| {padding} | {batch_size} | {rate:.2f} | {rate / baseline:.2f}x | {tokens / seconds[layout]:.0f} "
+            f"| {mfu} | {peak_memory[layout]} |"
+        )
+    print("MFU: 6 x parameters x real tokens (vision: x patches) per second over the GPU's dense bf16 peak.")
 
 
 def bench_inference(model, processor, rows, args):
@@ -183,34 +295,51 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", help="model dir (default: build the tiny model); its processor is used")
     parser.add_argument("--arch", default="model", choices=["model", "3b"], help="3b: random-init Qwen2.5-VL-3B sizes")
-    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--lora", action="store_true", help="train the LoRA config's adapters only")
+    parser.add_argument("--liger", action="store_true", help="Liger kernels, as use_liger_kernel: true applies them")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
     parser.add_argument("--num_samples", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_image_side", type=int, default=256, help="the tutorial's value")
+    parser.add_argument(
+        "--layouts", nargs="+", default=list(PADDING_MODES), help="padding[:batch] per training row; the first is the 1.00x"
+    )
+    parser.add_argument("--max_image_side", type=int, default=DEFAULT_MAX_IMAGE_SIDE, help="the tutorial's value")
     parser.add_argument("--max_seq_length", type=int, default=256, help="the tutorial's value")
+    parser.add_argument("--loading_sides", type=int, nargs="+", default=[256, 512, 1024], help="max_image_side values")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--inference_samples", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "inference"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["loading", "encode", "training", "inference"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
     with tempfile.TemporaryDirectory() as workdir:
         model_dir, rows = build_inputs(args, workdir)
         processor = AutoProcessor.from_pretrained(model_dir)
-        print(f"# Benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU"
+        print(f"# Benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {device}, {time.strftime('%Y-%m-%d')}")
+        print(library_versions())
         print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}")
+        if "loading" not in args.skip:
+            bench_loading(processor, rows, args, *parameter_split_3b(processor))
+        if "encode" not in args.skip:
+            bench_encode_stages(processor, rows, args)
+        if "training" in args.skip and "inference" in args.skip:
+            return
         batches = bench_collator(processor, rows, args)
         for attn_implementation in args.attn:
             model = load_model(args, model_dir, processor, attn_implementation)
-            num_parameters = sum(p.numel() for p in model.parameters())
             if "training" not in args.skip:
-                bench_training(model, batches, args, attn_implementation, num_parameters)
+                options = [args.arch, "LoRA" if args.lora else "full", attn_implementation, args.device]
+                options += ["Liger"] * args.liger + ["gradient checkpointing"] * args.gradient_checkpointing
+                bench_training(model, batches, args, ", ".join(options))
             if "inference" not in args.skip and not args.lora:
                 bench_inference(model, processor, rows, args)
             del model
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

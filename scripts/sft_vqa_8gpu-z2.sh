@@ -1,9 +1,11 @@
-########################################################
-# train sft_alpaca.py with 8gpu in deepspeed zero2 bf16
-########################################################
-accelerate launch \
-    --num_processes 8 \
-    --main_process_port 25001 \
-    --config_file configs/deepspeed_bf16_zero2.yaml \
-    sft.py \
-    --config $1
+#!/usr/bin/env bash
+# Train sft.py on this machine's GPUs with DeepSpeed ZeRO-2 in bf16 (optimizer state and gradients sharded).
+#
+#   bash scripts/sft_vqa_8gpu-z2.sh CONFIG.yaml [--any_key value ...]   # e.g. --max_steps 100
+#
+# GPUS_PER_NODE (default 8), MASTER_PORT (default 25001) and MIXED_PRECISION may be set in the environment.
+# One machine is the one-node case of scripts/sft_multinode.sh, which does the launching.
+set -euo pipefail
+export DEEPSPEED_CONFIG=configs/deepspeed_bf16_zero2.yaml NUM_NODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1
+export GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+exec bash "$(dirname "$0")/sft_multinode.sh" "$@"

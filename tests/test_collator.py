@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import rows_from_dataset, run_script
@@ -184,8 +184,8 @@ def image_from_pixel_values(processor, pixel_values, grid_thw) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def test_picture_target_box_sits_on_object_edges(processor, tmp_path):
-    """Draw the learned box on what the model sees; the box edges must be the square's edges."""
+def test_target_box_sits_on_object_edges(processor, tmp_path):
+    """On what the model sees (rebuilt from pixel_values), the target box edges are the square's edges."""
     dataset_dir = tmp_path / "squares"
     run_script(
         "scripts/make_synthetic_data.py", "--output_dir", dataset_dir, "--num_samples", 6, "--seed", 7,
@@ -202,9 +202,6 @@ def test_picture_target_box_sits_on_object_edges(processor, tmp_path):
         offset += num_patches
         labels = batch["labels"][index]
         x1, y1, x2, y2 = json.loads(processor.tokenizer.decode(labels[labels != IGNORE_INDEX][:-1]))["bbox_2d"]
-        picture = seen.copy()
-        ImageDraw.Draw(picture).rectangle((x1, y1, x2 - 1, y2 - 1), outline=(255, 0, 255))
-        picture.save(tmp_path / f"target_box_{index}.png")
 
         original = load_image(row["image"][0])
         ox, oy = read_answer_box(row["assistant"])[:2]
@@ -223,3 +220,22 @@ def test_picture_target_box_sits_on_object_edges(processor, tmp_path):
         for point in outside:
             if 0 <= point[0] < seen.size[0] and 0 <= point[1] < seen.size[1]:
                 assert close(seen.getpixel(point), background), (index, point, "outside the box should be background")
+
+
+def test_defaults_keep_a_textvqa_sized_sample_and_the_tutorial_name_still_works(processor, tmp_path):
+    """One default for the longer side (utils.DEFAULT_MAX_IMAGE_SIDE, 256): a 640x480 photo becomes a
+    252x196 frame and fits the default max_seq_length instead of being dropped."""
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (640, 480), (90, 120, 200)).save(path)
+    row = {"image": [str(path)], "user": "where is the sign?", "assistant": '{"bbox_2d": [64, 48, 320, 240]}'}
+    collator = Qwen2_5VLCollator(processor)
+    batch = collator([row])
+    assert collator.num_dropped == 0
+    assert batch["image_grid_thw"].tolist() == [[1, 196 // 14, 252 // 14]]
+    labels = batch["labels"][0]
+    assert json.loads(processor.tokenizer.decode(labels[labels != IGNORE_INDEX][:-1])) == {"bbox_2d": [25, 20, 126, 98]}
+    tutorial = Qwen2_5VLCollator(processor, max_img_side_length=448)
+    assert tutorial.image_settings == Qwen2_5VLCollator(processor, max_image_side=448).image_settings
+    assert tutorial.image_settings.max_image_side == 448
+    with pytest.raises(ValueError, match="give one"):
+        Qwen2_5VLCollator(processor, max_image_side=336, max_img_side_length=448)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -56,6 +57,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def launch_env(extra_env=None):
+    # The venv's bin first, as scripts/test.sh has it: DeepSpeed JIT-builds its CPU comm op with the ninja on
+    # PATH, and a different ninja than last time rebuilds it (about 2 minutes on 2 cores).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", **(extra_env or {})}
+
+
 def accelerate_command(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
     """`accelerate launch` of sft.py on 2 CPU processes, and the environment to run it in."""
     command = [
@@ -66,17 +74,18 @@ def accelerate_command(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
         "--main_process_port", str(free_port()),
         "sft.py", *map(str, args),
     ]  # fmt: skip
-    # The venv's bin first, as scripts/test.sh has it: DeepSpeed JIT-builds its CPU comm op with the ninja on
-    # PATH, and a different ninja than last time rebuilds it (about 2 minutes on 2 cores).
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    return command, {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
+    return command, launch_env()
+
+
+def launch(command, extra_env=None):
+    result = subprocess.run(list(map(str, command)), cwd=REPO_DIR, env=launch_env(extra_env), capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout + result.stderr
 
 
 def accelerate_launch(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
-    command, env = accelerate_command(*args, config_file=config_file)
-    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result.stdout + result.stderr
+    return launch(accelerate_command(*args, config_file=config_file)[0])
 
 
 def logged_steps(steps):
@@ -147,9 +156,12 @@ def test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes(tiny_model_dir,
 
 
 def test_deepspeed_zero3_saves_a_full_model(tiny_model_dir, sft_data_dir, tmp_path):
-    args = tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero3")
-    zero3 = "configs/deepspeed_bf16_zero3.yaml"
-    log = accelerate_launch(*args, "--use_cpu", "true", "--max_steps", 4, config_file=zero3)
+    # Through the user's launcher (config first, then any flags), on 2 CPU processes; the config says
+    # max_steps 12, so a run of 4 steps shows the extra flags reach sft.py.
+    args = [TINY_CONFIG, *tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "zero3")[2:], "--use_cpu", "true"]
+    launcher_env = {"GPUS_PER_NODE": "2", "MIXED_PRECISION": "no", "MASTER_PORT": str(free_port())}
+    log = launch(["bash", "scripts/sft_vqa_8gpu-z3.sh", *args, "--max_steps", 4], launcher_env)
+    assert max(entry["step"] for entry in log_history(tmp_path / "cpu_zero3")) == 4
     assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 3" in log
     initial = load_weights(tiny_model_dir)
     # Parameters are partitioned under ZeRO-3 init: the count must still be of full sizes.
@@ -218,6 +230,31 @@ def test_freeze_switches_keep_frozen_parts_bit_identical(tiny_model_dir, sft_dat
     assert trainable == sum(tensor.numel() for name, tensor in initial.items() if name not in frozen)
 
 
+def test_fast_config_with_dataloader_workers_trains_like_the_main_process(tiny_model_dir, sft_data_dir, tmp_path):
+    """The fast 3B config, scaled down to the tiny model on CPU: collating in 2 worker processes must
+    give the very same training (same batches, same losses) as collating in the main process."""
+    fast_config = "configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_fast.yaml"
+    with open(os.path.join(REPO_DIR, fast_config)) as f:
+        in_main_process = yaml.safe_load(f)
+    for key in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):  # only valid with workers
+        del in_main_process[key]
+    main_config = tmp_path / "fast_in_main_process.yaml"
+    main_config.write_text(yaml.safe_dump({**in_main_process, "dataloader_num_workers": 0}))
+    scaled_down = [
+        "--model_name_or_path", tiny_model_dir, "--torch_dtype", "float32", "--max_image_side", 112,
+        "--train_dataset_name", sft_data_dir / "train.jsonl", "--test_dataset_name", sft_data_dir / "test.jsonl",
+        "--max_steps", 3, "--learning_rate", "1e-3", "--use_cpu", "true", "--bf16", "false", "--bf16_full_eval", "false",
+        "--use_liger_kernel", "false", "--dataloader_pin_memory", "false", "--eval_strategy", "no",
+        "--save_strategy", "no", "--report_to", "none", "--logging_steps", 1,
+    ]  # fmt: skip
+    run_script("sft.py", "--config", fast_config, *scaled_down, "--dataloader_num_workers", 2,
+               "--output_dir", tmp_path / "workers")  # fmt: skip
+    run_script("sft.py", "--config", main_config, *scaled_down, "--output_dir", tmp_path / "main")
+    with_workers = losses(log_history(tmp_path / "cpu_workers"))
+    assert len(with_workers) == 3
+    assert with_workers == losses(log_history(tmp_path / "cpu_main"))
+
+
 def test_tutorial_config_with_warmup_ratio_eval_and_swanlab(tiny_model_dir, sft_data_dir, tmp_path):
     """The tutorial's 3B YAML, every key as given, scaled down on the command line to the tiny model."""
     result = run_script(
@@ -251,6 +288,8 @@ def test_tutorial_config_with_warmup_ratio_eval_and_swanlab(tiny_model_dir, sft_
              "max_image_side: must be positive", "test_dataset_name: file not found: missing/test.jsonl"],
         ),
         (["--train_dataset_name", "missing/train.jsonl"], ["train_dataset_name: file not found: missing/train.jsonl"]),
+        # Without liger-kernel (this venv), or with it on CPU (tiny_cpu.yaml has use_cpu: true).
+        (["--use_liger_kernel", "true"], ["use_liger_kernel: ", "set use_liger_kernel: false"]),
         (["--train_dataset_name", "BAD_JSONL"], [":2: bad line"]),
     ],
 )  # fmt: skip

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One prepared check for a machine with one NVIDIA GPU: the speed and memory figures the README lacks.
+#
+#   pip install -r requirements.txt -r requirements-gpu.txt   # the second is optional (Liger)
+#   bash scripts/gpu_check.sh          # ~6 minutes; writes gpu_check.md and prints it
+#   bash scripts/gpu_check.sh --quick  # the same commands on CPU with the tiny model, toy sizes (the test suite)
+#
+# It runs in whatever Python environment it finds (PYTHON, default python) and skips, with a note, any
+# part whose package is missing (Liger, flash-attention), so an older preinstalled stack still gives
+# figures. Every part is scripts/benchmark.py: 3B architecture, random init, bf16, TextVQA-sized images.
+# Environment: GPU_CHECK_OUT (default gpu_check.md), GPU_CHECK_MODEL (a model dir whose processor, i.e.
+# tokenizer, is used; default: the downloaded 3B if present, else the tiny model built on the fly).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${GPU_CHECK_OUT:-gpu_check.md}
+PART_TIMEOUT=${PART_TIMEOUT:-150}  # seconds per part, so one stuck part cannot eat the whole check
+
+if [ "${1:-}" = "--quick" ]; then
+    COMMON=(--device cpu --num_samples 4 --rounds 1 --inference_samples 2 --new_tokens 2 --loading_sides 112)
+    BATCH=2 SMALL=(112 256) LARGE=(224 512)  # max_image_side and max_seq_length
+else
+    COMMON=(--device cuda --arch 3b --num_samples 32 --rounds 2 --inference_samples 32 --new_tokens 24)
+    BATCH=8 SMALL=(256 256) LARGE=(1024 1536)
+fi
+MODEL=${GPU_CHECK_MODEL:-}
+if [ -z "$MODEL" ] && [ "${1:-}" != "--quick" ] && [ -d models/Qwen2.5-VL-3B-Instruct ]; then
+    MODEL=models/Qwen2.5-VL-3B-Instruct
+fi
+if [ -n "$MODEL" ]; then COMMON+=(--model "$MODEL"); fi
+
+has() { "$PYTHON" -c "import $1" 2>/dev/null; }
+ATTN=(sdpa)
+if has flash_attn; then ATTN+=(flash_attention_2); fi
+
+part() {  # part TITLE ARGS...: one benchmark run, its tables appended; a failure is noted, not fatal
+    local title=$1
+    shift
+    echo -e "\n# $title\n" >> "$OUT"
+    if ! timeout "$PART_TIMEOUT" "$PYTHON" scripts/benchmark.py "${COMMON[@]}" "$@" >> "$OUT" 2> "$OUT.err"; then
+        echo "**FAILED** (exit status above 0); last lines of its stderr:" >> "$OUT"
+        tail -n 5 "$OUT.err" | sed 's/^/    /' >> "$OUT"
+    fi
+}
+
+{
+    echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "command: bash scripts/gpu_check.sh $*"
+    if command -v nvidia-smi > /dev/null; then
+        echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)"
+    else
+        echo "GPU: none (nvidia-smi not found)"
+    fi
+    echo "Python: $("$PYTHON" --version 2>&1); processor of: ${MODEL:-the tiny model (its token counts differ from the real tokenizer)}"
+    has liger_kernel || echo "Skipped: Liger rows (liger-kernel not installed: pip install -r requirements-gpu.txt)"
+    has flash_attn || echo "Skipped: flash_attention_2 rows (flash-attn not installed; it has no wheel on the index)"
+    echo "DeepSpeed is not used here: one GPU needs no ZeRO."
+} > "$OUT"
+
+part "max_image_side ${SMALL[0]}: data loading, full fine-tuning (tutorial batch 1 vs larger batches), inference" \
+    --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts max_length:1 "longest:$BATCH" "packed:$BATCH" --attn "${ATTN[@]}"
+if has liger_kernel; then
+    part "max_image_side ${SMALL[0]}, Liger kernels" --liger --skip loading encode inference \
+        --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts max_length:1 "longest:$BATCH" "packed:$BATCH" --attn "${ATTN[@]}"
+fi
+part "max_image_side ${LARGE[0]}: full fine-tuning" --skip loading encode inference \
+    --max_image_side "${LARGE[0]}" --max_seq_length "${LARGE[1]}" --layouts max_length:1 "longest:$((BATCH / 2))" "packed:$((BATCH / 2))" --attn "${ATTN[@]}"
+if has liger_kernel; then
+    part "max_image_side ${LARGE[0]}, Liger kernels" --liger --skip loading encode inference \
+        --max_image_side "${LARGE[0]}" --max_seq_length "${LARGE[1]}" --layouts max_length:1 "longest:$((BATCH / 2))" "packed:$((BATCH / 2))" --attn "${ATTN[@]}"
+fi
+part "LoRA, the 24 GB config (configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml: batch 4, gradient checkpointing)" \
+    --lora --gradient_checkpointing --skip loading encode inference --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts longest:4
+
+rm -f "$OUT.err"
+cat "$OUT"
