@@ -9,6 +9,7 @@ noisy machine. Modes are interleaved round by round instead of run one after ano
 """
 
 import argparse
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -137,6 +138,17 @@ def real_tokens(batch) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Collator timings run as in a DataLoader worker, which PyTorch limits to one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def parse_layout(text: str, default_batch_size: int) -> tuple[str, int]:
     """"packed:16" -> ("packed", 16); "packed" -> ("packed", --batch_size)."""
     padding, _, batch_size = text.partition(":")
@@ -155,21 +167,19 @@ def bench_loading(processor, rows, args, text_parameters, vision_parameters):
     )
     print("| max_image_side | tokens / sample | image patches / sample | collator samples/s per worker | 3B consumption samples/s (estimate) | workers for 2x |")
     print("|---|---|---|---|---|---|")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker, which PyTorch limits to one thread
     for side in args.loading_sides:
         collator = Qwen2_5VLCollator(processor, max_seq_length=1_000_000, max_image_side=side)
-        collator.encode(rows[0])  # warm-up
-        start = time.perf_counter()
-        samples = [collator.encode(row) for row in rows]
-        rate = len(rows) / (time.perf_counter() - start)
+        with one_thread():
+            collator.encode(rows[0])  # warm-up
+            start = time.perf_counter()
+            samples = [collator.encode(row) for row in rows]
+            rate = len(rows) / (time.perf_counter() - start)
         tokens = sum(len(s["input_ids"]) for s in samples) / len(samples)
         patches = sum(len(s["pixel_values"]) for s in samples) / len(samples)
         flops = training_flops(text_parameters, vision_parameters, tokens, patches)
         consumption = ASSUMED_MFU * PEAK_BF16_FLOPS["H100"] / flops
         workers = math.ceil(2 * consumption / rate)
         print(f"| {side} | {tokens:.1f} | {patches:.1f} | {rate:.1f} | {consumption:.0f} | {workers} |")
-    torch.set_num_threads(threads)
 
 
 def bench_encode_stages(processor, rows, args):
@@ -192,15 +202,14 @@ def bench_encode_stages(processor, rows, args):
     print(f"image processor: {type(processor.image_processor).__name__}")
     print("| stage | ms per sample |")
     print("|---|---|")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     for name, stage in stages.items():
-        stage(0)
-        start = time.perf_counter()
-        for index in range(len(rows)):
-            stage(index)
-        print(f"| {name} | {(time.perf_counter() - start) / len(rows) * 1000:.2f} |")
-    torch.set_num_threads(threads)
+        with one_thread():
+            stage(0)
+            start = time.perf_counter()
+            for index in range(len(rows)):
+                stage(index)
+            seconds = time.perf_counter() - start
+        print(f"| {name} | {seconds / len(rows) * 1000:.2f} |")
 
 
 def bench_collator(processor, rows, args):

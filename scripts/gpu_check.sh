@@ -38,7 +38,7 @@ part() {  # part TITLE ARGS...: one benchmark run, its tables appended; a failur
     shift
     echo -e "\n# $title\n" >> "$OUT"
     if ! timeout "$PART_TIMEOUT" "$PYTHON" scripts/benchmark.py "${COMMON[@]}" "$@" >> "$OUT" 2> "$OUT.err"; then
-        echo "**FAILED** (exit status above 0); last lines of its stderr:" >> "$OUT"
+        echo "**FAILED** (an error, or over PART_TIMEOUT=$PART_TIMEOUT s); last lines of its stderr:" >> "$OUT"
         tail -n 5 "$OUT.err" | sed 's/^/    /' >> "$OUT"
     fi
 }
@@ -58,17 +58,17 @@ part() {  # part TITLE ARGS...: one benchmark run, its tables appended; a failur
     echo "DeepSpeed is not used here: one GPU needs no ZeRO."
 } > "$OUT"
 
-part "max_image_side ${SMALL[0]}: data loading, full fine-tuning (tutorial batch 1 vs larger batches), inference" \
-    --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts max_length:1 "longest:$BATCH" "packed:$BATCH" --attn "${ATTN[@]}"
+full_finetuning() {  # full_finetuning TITLE SIDE SEQ_LENGTH BATCH [more flags]: tutorial layout vs larger batches
+    local title=$1 side=$2 seq_length=$3 batch=$4
+    shift 4
+    part "$title" --max_image_side "$side" --max_seq_length "$seq_length" \
+        --layouts max_length:1 "longest:$batch" "packed:$batch" --attn "${ATTN[@]}" "$@"
+}
+full_finetuning "max_image_side ${SMALL[0]}: data loading, full fine-tuning, inference" "${SMALL[@]}" "$BATCH"
+full_finetuning "max_image_side ${LARGE[0]}: full fine-tuning" "${LARGE[@]}" $((BATCH / 2)) --skip loading encode inference
 if has liger_kernel; then
-    part "max_image_side ${SMALL[0]}, Liger kernels" --liger --skip loading encode inference \
-        --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts max_length:1 "longest:$BATCH" "packed:$BATCH" --attn "${ATTN[@]}"
-fi
-part "max_image_side ${LARGE[0]}: full fine-tuning" --skip loading encode inference \
-    --max_image_side "${LARGE[0]}" --max_seq_length "${LARGE[1]}" --layouts max_length:1 "longest:$((BATCH / 2))" "packed:$((BATCH / 2))" --attn "${ATTN[@]}"
-if has liger_kernel; then
-    part "max_image_side ${LARGE[0]}, Liger kernels" --liger --skip loading encode inference \
-        --max_image_side "${LARGE[0]}" --max_seq_length "${LARGE[1]}" --layouts max_length:1 "longest:$((BATCH / 2))" "packed:$((BATCH / 2))" --attn "${ATTN[@]}"
+    full_finetuning "max_image_side ${SMALL[0]}, Liger kernels" "${SMALL[@]}" "$BATCH" --liger --skip loading encode inference
+    full_finetuning "max_image_side ${LARGE[0]}, Liger kernels" "${LARGE[@]}" $((BATCH / 2)) --liger --skip loading encode inference
 fi
 part "LoRA, the 24 GB config (configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml: batch 4, gradient checkpointing)" \
     --lora --gradient_checkpointing --skip loading encode inference --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts longest:4
