@@ -26,12 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from model_families import box_from_answer, check_settings_family, detect_family
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IMAGE_SETTINGS_FILE,
     ImageSettings,
     box_ious,
-    box_to_original_frame,
     build_messages,
     check_processor_kept_frame,
     load_image,
@@ -64,9 +64,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def resolve_image_settings(processor, settings_dirs, max_image_side) -> ImageSettings:
-    """--max_image_side > the settings saved by training (first dir that has them) > a default, with warnings."""
+def resolve_image_settings(processor, settings_dirs, max_image_side, family) -> ImageSettings:
+    """--max_image_side > the settings saved by training (first dir that has them) > a default, with warnings.
+    Saved settings of another coordinate system than the model family's raise ValueError."""
     found = [(d, s) for d in settings_dirs if (s := ImageSettings.load(d)) is not None]
+    if found:
+        check_settings_family(found[0][1], family, found[0][0])
     if max_image_side is None:
         if found:
             return found[0][1]
@@ -74,9 +77,9 @@ def resolve_image_settings(processor, settings_dirs, max_image_side) -> ImageSet
             f"no {IMAGE_SETTINGS_FILE} in {' or '.join(settings_dirs)}: the training's image size is unknown, "
             f"using max_image_side={DEFAULT_MAX_IMAGE_SIDE}. Pass --max_image_side to match training."
         )
-        return ImageSettings.from_processor(processor, DEFAULT_MAX_IMAGE_SIDE)
+        return ImageSettings.from_processor(processor, DEFAULT_MAX_IMAGE_SIDE, family)
     if not found:
-        return ImageSettings.from_processor(processor, max_image_side)
+        return ImageSettings.from_processor(processor, max_image_side, family)
     directory, saved = found[0]
     if saved.max_image_side != max_image_side:
         warnings.warn(
@@ -120,7 +123,7 @@ def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_p
         texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for text, image, original in zip(texts, images, originals):
             box = parse_bbox(text)
-            box = None if box is None else box_to_original_frame(box, image.size, original.size)
+            box = None if box is None else box_from_answer(box, settings.coordinate_system, image.size, original.size)
             predictions.append({"raw_output": text, "pred_bbox": box})
     return predictions
 
@@ -250,9 +253,13 @@ def main():
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
     true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
 
-    processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.model_name_or_path))
     settings_dirs = [d for d in (args.adapter, args.model_name_or_path) if d]
-    settings = resolve_image_settings(processor, settings_dirs, args.max_image_side)
+    try:
+        family = detect_family(args.model_name_or_path)  # an unsupported model fails before anything loads
+        processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.model_name_or_path))
+        settings = resolve_image_settings(processor, settings_dirs, args.max_image_side, family)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of Qwen2.5-VL for grounding: a YAML config -> transformers' Trainer.
+"""Supervised fine-tuning of Qwen2.5-VL or Qwen3-VL for grounding: a YAML config -> transformers' Trainer.
 
     python sft.py --config configs/tiny_cpu.yaml
     accelerate launch --config_file configs/deepspeed_bf16_zero2.yaml --num_processes 8 \
@@ -34,6 +34,7 @@ from training import (
     name_run_dir,
     swanlab_callbacks,
 )
+from model_families import detect_family
 from vision_datacollator import vision_data_collator_map
 
 logger = logging.getLogger("sft")
@@ -52,6 +53,8 @@ def main(data_args, training_args, model_args, lora_args) -> int:
     last_checkpoint = find_checkpoint(training_args)
     logger.info("train samples: %d, eval samples: %s", len(train_dataset), eval_dataset and len(eval_dataset))
 
+    family = detect_family(model_args.model_name_or_path)
+    logger.info("model family: %s (%s, answers in %s)", family.model_type, family.name, family.coordinate_system)
     transformers.set_seed(training_args.seed)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
@@ -62,8 +65,9 @@ def main(data_args, training_args, model_args, lora_args) -> int:
         max_image_side=data_args.max_image_side,
         padding=data_args.padding,
         too_long=data_args.too_long,
+        family=family,
     )
-    model = load_model(model_args, lora_args)
+    model = load_model(model_args, lora_args, family)
 
     trainer = Trainer(
         model=model,

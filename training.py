@@ -50,7 +50,7 @@ class DataTrainingArguments:
         },
     )
     data_collator: str = field(
-        default="Qwen2_5VLCollator", metadata={"help": f"One of {sorted(vision_data_collator_map)}."}
+        default="GroundingCollator", metadata={"help": f"One of {sorted(vision_data_collator_map)}."}
     )
     max_seq_length: int = field(
         default=1024, metadata={"help": "Longest sample in tokens (image tokens included); see too_long."}
@@ -68,7 +68,8 @@ class DataTrainingArguments:
 @dataclass
 class ModelArguments:
     auto_model_class: str = field(
-        default="Qwen2_5_VLForConditionalGeneration", metadata={"help": "A transformers model class name."}
+        default="AutoModelForImageTextToText",
+        metadata={"help": "A transformers model class name; the default loads every supported family."},
     )
     model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "A local model folder or a Hugging Face Hub id."}
@@ -264,12 +265,14 @@ def find_checkpoint(training_args) -> str | None:
     )
 
 
-def freeze_parts(model, model_args) -> None:
-    """The tutorial's switches. Vision tower = every visual module but the merger."""
+def freeze_parts(model, model_args, family) -> None:
+    """The tutorial's switches. Merger = the family's projectors into the language model; vision tower =
+    every other visual module."""
     visual = model.model.visual
+    projectors = family.projector_modules
     parts = (
-        (model_args.freeze_vision_tower, [module for name, module in visual.named_children() if name != "merger"]),
-        (model_args.freeze_merger, [visual.merger]),
+        (model_args.freeze_vision_tower, [m for name, m in visual.named_children() if name not in projectors]),
+        (model_args.freeze_merger, [getattr(visual, name) for name in projectors]),
         (model_args.freeze_llm, [model.model.language_model, model.lm_head]),
     )
     for frozen, modules in parts:
@@ -283,7 +286,7 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(size for size, trainable in sizes if trainable), sum(size for size, _ in sizes)
 
 
-def load_model(model_args, lora_args):
+def load_model(model_args, lora_args, family):
     """The model to train: from_pretrained, the freeze switches, then LoRA adapters if asked for."""
     model = getattr(transformers, model_args.auto_model_class).from_pretrained(
         model_args.model_name_or_path,
@@ -291,7 +294,7 @@ def load_model(model_args, lora_args):
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
     )
-    freeze_parts(model, model_args)
+    freeze_parts(model, model_args, family)
     if lora_args.use_lora:
         lora_config = LoraConfig(
             r=lora_args.r,

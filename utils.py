@@ -4,9 +4,10 @@ Coordinate convention everywhere: boxes are [x1, y1, x2, y2] in pixel-edge coord
 image frame (0 <= x1 < x2 <= width). Two frames exist:
   original  the image file on disk (what the converter writes and what metrics use);
   model     the exact size the model sees: the image scaled so its longer side is
-            `max_image_side`, then snapped by Qwen2.5-VL's smart_resize to multiples of
+            `max_image_side`, then snapped by Qwen's smart_resize to multiples of
             patch_size * merge_size within [min_pixels, max_pixels].
-Training targets are boxes in the model frame; predictions are mapped back to the original frame.
+Training targets are boxes in the model frame, written in the model family's coordinates
+(model_families.py); predictions are mapped back to the original frame.
 """
 
 import json
@@ -113,16 +114,20 @@ def _find_bbox_2d(value):
 # ---------------------------------------------------------------- images and frames
 @dataclass
 class ImageSettings:
-    """How images are sized for the model. Saved beside a trained model so inference reuses it."""
+    """How images are sized for the model, and the coordinate system its answers use (a
+    model_families.ModelFamily's). Saved beside a trained model so inference reuses both."""
 
     max_image_side: int
     min_pixels: int
     max_pixels: int
     patch_size: int
     merge_size: int
+    # Settings files written before families existed came from Qwen2.5-VL runs only.
+    model_family: str = "qwen2_5_vl"
+    coordinate_system: str = "model_frame_pixels"
 
     @classmethod
-    def from_processor(cls, processor, max_image_side: int) -> "ImageSettings":
+    def from_processor(cls, processor, max_image_side: int, family) -> "ImageSettings":
         image_processor = processor.image_processor
         return cls(
             max_image_side=int(max_image_side),
@@ -130,6 +135,8 @@ class ImageSettings:
             max_pixels=int(image_processor.size["longest_edge"]),
             patch_size=int(image_processor.patch_size),
             merge_size=int(image_processor.merge_size),
+            model_family=family.model_type,
+            coordinate_system=family.coordinate_system,
         )
 
     def save(self, directory: str) -> None:

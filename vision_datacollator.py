@@ -1,22 +1,20 @@
-"""Turn converter rows into Qwen2.5-VL training batches.
+"""Turn converter rows into Qwen-VL training batches, for every family in model_families.py.
 
 Each row {"image": [path], "user": question, "assistant": '{"bbox_2d": [x1, y1, x2, y2]}'} (box in
-original pixels) becomes: the image resized once, straight to the frame the model sees; the box
-scaled per axis to that frame; the chat prompt; labels on the answer only; and 3D mRoPE position
-ids computed by transformers' own `get_rope_index`.
+original pixels) becomes: the image resized once, straight to the frame the model sees; the box in
+the family's coordinates of that frame; the chat prompt; labels on the answer only; and 3D mRoPE
+position ids computed by the family's own transformers `get_rope_index`.
 """
 
 import logging
-from types import SimpleNamespace
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
+from model_families import box_to_answer
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IGNORE_INDEX,
     ImageSettings,
-    box_to_model_frame,
     build_messages,
     check_processor_kept_frame,
     format_answer,
@@ -30,27 +28,9 @@ PADDING_MODES = ("max_length", "longest", "packed")
 TOO_LONG_ACTIONS = ("drop", "raise")
 
 
-class _RopeIndex:
-    """transformers' `Qwen2_5_VLModel.get_rope_index`, callable without loading the model:
-    for images it reads only `spatial_merge_size` from the config (`tokens_per_second` is video-only)."""
-
-    get_rope_index = Qwen2_5_VLModel.get_rope_index
-    get_vision_position_ids = Qwen2_5_VLModel.get_vision_position_ids
-
-    def __init__(self, spatial_merge_size: int):
-        self.config = SimpleNamespace(
-            vision_config=SimpleNamespace(spatial_merge_size=spatial_merge_size, tokens_per_second=None)
-        )
-
-    def __call__(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask=None):
-        position_ids, _ = self.get_rope_index(
-            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-        )
-        return position_ids
-
-
-class Qwen2_5VLCollator:
-    """padding: "max_length" (every row padded to max_seq_length, the tutorial's), "longest" (pad to
+class GroundingCollator:
+    """family: a model_families.ModelFamily (detect_family(model dir)).
+    padding: "max_length" (every row padded to max_seq_length, the tutorial's), "longest" (pad to
     the longest row of the batch) or "packed" (one row, no padding; position ids in the (4, 1, L)
     form that transformers reads as packed, so attention never crosses samples).
     too_long: a sample longer than max_seq_length is never truncated (that would cut image
@@ -66,6 +46,8 @@ class Qwen2_5VLCollator:
         padding="longest",
         too_long="drop",
         max_img_side_length=None,
+        *,
+        family,
     ):
         if max_img_side_length is not None:
             if max_image_side not in (DEFAULT_MAX_IMAGE_SIDE, max_img_side_length):
@@ -80,8 +62,8 @@ class Qwen2_5VLCollator:
         self.max_seq_length = max_seq_length
         self.padding = padding
         self.too_long = too_long
-        self.image_settings = ImageSettings.from_processor(processor, max_image_side)
-        self.rope_index = _RopeIndex(self.image_settings.merge_size)
+        self.image_settings = ImageSettings.from_processor(processor, max_image_side, family)
+        self.rope_index = family.rope_index(self.image_settings.merge_size)
         self.num_dropped = 0
 
     def encode(self, example) -> dict | None:
@@ -94,7 +76,7 @@ class Qwen2_5VLCollator:
             box = read_answer_box(example["assistant"])
         except ValueError as error:
             raise ValueError(f"sample with image {image_path}: {error}") from error
-        answer = format_answer(box_to_model_frame(box, original_size, image.size))
+        answer = format_answer(box_to_answer(box, self.image_settings.coordinate_system, original_size, image.size))
 
         prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
         prompt_inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
@@ -181,4 +163,5 @@ class Qwen2_5VLCollator:
         }
 
 
-vision_data_collator_map = {"Qwen2_5VLCollator": Qwen2_5VLCollator}
+# "Qwen2_5VLCollator" is the tutorial's name for it; its YAML files name it so.
+vision_data_collator_map = {"GroundingCollator": GroundingCollator, "Qwen2_5VLCollator": GroundingCollator}

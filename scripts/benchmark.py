@@ -21,13 +21,19 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from infer import predict  # noqa: E402
+from model_families import detect_family  # noqa: E402
 from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, build_messages, load_image, to_model_frame  # noqa: E402
-from vision_datacollator import PADDING_MODES, Qwen2_5VLCollator  # noqa: E402
+from vision_datacollator import PADDING_MODES, GroundingCollator  # noqa: E402
 
 # Qwen2.5-VL-3B-Instruct's architecture (sizes only; token ids come from the processor in use).
 ARCH_3B = dict(
@@ -112,7 +118,7 @@ def load_model(args, model_dir, processor, attn_implementation):
         with torch.device(args.device):
             model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)  # random init: speed, not quality
     else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation
         ).to(args.device)
     if args.liger:
@@ -157,7 +163,7 @@ def parse_layout(text: str, default_batch_size: int) -> tuple[str, int]:
     return padding, int(batch_size or default_batch_size)
 
 
-def bench_loading(processor, rows, args, text_parameters, vision_parameters):
+def bench_loading(processor, rows, args, family, text_parameters, vision_parameters):
     """Can dataloader workers feed the GPU? One process's collator rate against the 3B model's appetite."""
     print(f"\n## Data loading: collator in one process (= one dataloader worker), {len(rows)} TextVQA-sized JPEGs")
     print(
@@ -168,7 +174,7 @@ def bench_loading(processor, rows, args, text_parameters, vision_parameters):
     print("| max_image_side | tokens / sample | image patches / sample | collator samples/s per worker | 3B consumption samples/s (estimate) | workers for 2x |")
     print("|---|---|---|---|---|---|")
     for side in args.loading_sides:
-        collator = Qwen2_5VLCollator(processor, max_seq_length=1_000_000, max_image_side=side)
+        collator = GroundingCollator(processor, max_seq_length=1_000_000, max_image_side=side, family=family)
         with one_thread():
             collator.encode(rows[0])  # warm-up
             start = time.perf_counter()
@@ -182,9 +188,9 @@ def bench_loading(processor, rows, args, text_parameters, vision_parameters):
         print(f"| {side} | {tokens:.1f} | {patches:.1f} | {rate:.1f} | {consumption:.0f} | {workers} |")
 
 
-def bench_encode_stages(processor, rows, args):
+def bench_encode_stages(processor, rows, args, family):
     """Where encode's time goes, each stage timed on the same rows in the same run."""
-    settings = ImageSettings.from_processor(processor, args.max_image_side)
+    settings = ImageSettings.from_processor(processor, args.max_image_side, family)
     images = [load_image(row["image"][0]) for row in rows]
     framed = [to_model_frame(image, settings) for image in images]
     prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in rows]
@@ -212,14 +218,16 @@ def bench_encode_stages(processor, rows, args):
         print(f"| {name} | {seconds / len(rows) * 1000:.2f} |")
 
 
-def bench_collator(processor, rows, args):
+def bench_collator(processor, rows, args, family):
     print(f"\n## Collator (max_image_side {args.max_image_side}, max_seq_length {args.max_seq_length})")
     print("| padding | batch | real tokens / computed tokens | ms per sample |")
     print("|---|---|---|---|")
     batches = {}
     for layout in args.layouts:
         padding, batch_size = parse_layout(layout, args.batch_size)
-        collator = Qwen2_5VLCollator(processor, args.max_seq_length, args.max_image_side, padding=padding)
+        collator = GroundingCollator(
+            processor, args.max_seq_length, args.max_image_side, padding=padding, family=family
+        )
         start = time.perf_counter()
         batches[layout] = [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
         per_sample_ms = (time.perf_counter() - start) / len(rows) * 1000
@@ -279,9 +287,9 @@ def bench_training(model, batches, args, label):
     print("MFU: 6 x parameters x real tokens (vision: x patches) per second over the GPU's dense bf16 peak.")
 
 
-def bench_inference(model, processor, rows, args):
+def bench_inference(model, processor, rows, args, family):
     model.eval()
-    settings = ImageSettings.from_processor(processor, args.max_image_side)
+    settings = ImageSettings.from_processor(processor, args.max_image_side, family)
     sample = rows[: args.inference_samples]
     results = {}
     for batch_size in (1, 16):
@@ -327,17 +335,18 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         model_dir, rows = build_inputs(args, workdir)
         processor = AutoProcessor.from_pretrained(model_dir)
+        family = detect_family(model_dir)
         device = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU"
         print(f"# Benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {device}, {time.strftime('%Y-%m-%d')}")
         print(library_versions())
         print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}")
         if "loading" not in args.skip:
-            bench_loading(processor, rows, args, *parameter_split_3b(processor))
+            bench_loading(processor, rows, args, family, *parameter_split_3b(processor))
         if "encode" not in args.skip:
-            bench_encode_stages(processor, rows, args)
+            bench_encode_stages(processor, rows, args, family)
         if "training" in args.skip and "inference" in args.skip:
             return
-        batches = bench_collator(processor, rows, args)
+        batches = bench_collator(processor, rows, args, family)
         for attn_implementation in args.attn:
             model = load_model(args, model_dir, processor, attn_implementation)
             if "training" not in args.skip:
@@ -345,7 +354,7 @@ def main():
                 options += ["Liger"] * args.liger + ["gradient checkpointing"] * args.gradient_checkpointing
                 bench_training(model, batches, args, ", ".join(options))
             if "inference" not in args.skip and not args.lora:
-                bench_inference(model, processor, rows, args)
+                bench_inference(model, processor, rows, args, family)
             del model
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -3,6 +3,7 @@
 # learns grounding from synthetic TextVQA-schema images through the real converter, sft.py and infer.py.
 #
 #   bash scripts/demo.sh                    # about 10 minutes on 2 CPU cores
+#   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
 #
@@ -16,6 +17,7 @@ NUM_SAMPLES=3000  # training samples; the test split comes after them
 NUM_TEST=200
 MAX_STEPS=""      # empty: the config's max_steps
 WORKDIR=.
+FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
 # The demo's data: one named shape per image, a quarter to half of the short side. Distractors make the
 # task harder (see README); flags after -- are appended, so they override these.
 DATA_FLAGS=(--max_distractors 0 --min_object 0.25 --max_object 0.5)
@@ -25,19 +27,23 @@ while [ $# -gt 0 ]; do
         --num_test) NUM_TEST="$2"; shift 2 ;;
         --max_steps) MAX_STEPS="$2"; shift 2 ;;
         --workdir) WORKDIR="$2"; shift 2 ;;
+        --family) FAMILY="$2"; shift 2 ;;
         --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir --family, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
 set --  # setup_env.sh would read leftover arguments as packages to install
 source "$(dirname "$0")/setup_env.sh"
 
-MODEL="$WORKDIR/models/tiny-qwen2.5-vl"
+case "$FAMILY" in  # each family's model and runs in their own folders
+    qwen2_5_vl) MODEL="$WORKDIR/models/tiny-qwen2.5-vl"; RUN=demo_tiny_cpu; EVAL="$WORKDIR/outputs/demo_eval" ;;
+    qwen3_vl) MODEL="$WORKDIR/models/tiny-qwen3-vl"; RUN=demo_tiny_cpu_qwen3_vl; EVAL="$WORKDIR/outputs/demo_eval_qwen3_vl" ;;
+    *) echo "demo.sh: unknown --family '$FAMILY' (qwen2_5_vl or qwen3_vl)" >&2; exit 2 ;;
+esac
 SOURCE="$WORKDIR/data/demo_source"  # the synthetic dataset in TextVQA_GT_bbox's own layout
 DATA="$WORKDIR/data/demo"           # the converter's JSONL + images
-EVAL="$WORKDIR/outputs/demo_eval"
-TRAINED="$WORKDIR/outputs/cpu_demo_tiny_cpu"  # sft.py prefixes output_dir's name with the device
+TRAINED="$WORKDIR/outputs/cpu_$RUN"  # sft.py prefixes output_dir's name with the device
 MAX_IMAGE_SIDE="$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")"
 
 STAGE_TIMES=()
@@ -52,7 +58,7 @@ stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
 }
 
 stage "1/7 build the tiny model" \
-    python scripts/make_tiny_model.py --output_dir "$MODEL"
+    python scripts/make_tiny_model.py --family "$FAMILY" --output_dir "$MODEL"
 stage "2/7 draw the synthetic dataset" \
     python scripts/make_synthetic_data.py --output_dir "$SOURCE" --num_samples $((NUM_SAMPLES + NUM_TEST)) "${DATA_FLAGS[@]}"
 stage "3/7 convert it to JSONL" \
@@ -68,7 +74,7 @@ stage "5/7 baseline: the untrained model" \
 stage "6/7 train (sft.py --config $CONFIG)" \
     python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
     --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/test.jsonl" \
-    --output_dir "$WORKDIR/outputs/demo_tiny_cpu" --overwrite_output_dir true ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
+    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
 stage "7/7 evaluate the trained model" \
     python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/trained" --max_new_tokens 48

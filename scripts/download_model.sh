@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# Qwen2.5-VL-3B-Instruct from ModelScope, to the path configs/SFT_Qwen2_5-VL-3B-Instruct_vqa*.yaml read.
-#   bash scripts/download_model.sh [LOCAL_DIR]
+# Model weights from ModelScope, to the paths the configs read:
+#   bash scripts/download_model.sh [LOCAL_DIR]            Qwen2.5-VL-3B-Instruct (configs/SFT_Qwen2_5-VL-3B-Instruct_vqa*.yaml)
+#   bash scripts/download_model.sh qwen3_vl [LOCAL_DIR]   Qwen3-VL-4B-Instruct (configs/SFT_Qwen3-VL-4B-Instruct_vqa*.yaml)
+# From the Hugging Face Hub instead: hf download Qwen/Qwen3-VL-4B-Instruct --local-dir ./models/Qwen3-VL-4B-Instruct
 set -euo pipefail
-modelscope download --model Qwen/Qwen2.5-VL-3B-Instruct --local_dir "${1:-./models/Qwen2.5-VL-3B-Instruct}"
+if [ "${1:-}" = qwen3_vl ]; then
+    modelscope download --model Qwen/Qwen3-VL-4B-Instruct --local_dir "${2:-./models/Qwen3-VL-4B-Instruct}"
+else
+    modelscope download --model Qwen/Qwen2.5-VL-3B-Instruct --local_dir "${1:-./models/Qwen2.5-VL-3B-Instruct}"
+fi

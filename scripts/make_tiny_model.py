@@ -1,10 +1,13 @@
-"""Build a tiny, randomly initialised Qwen2.5-VL offline: tokenizer, processor and model.
+"""Build a tiny, randomly initialised Qwen2.5-VL or Qwen3-VL offline: tokenizer, processor and model.
 
-It is the real `Qwen2_5_VLForConditionalGeneration` class with few layers, saved so that
-`AutoProcessor.from_pretrained(DIR)` and `Qwen2_5_VLForConditionalGeneration.from_pretrained(DIR)`
-load it exactly as they load Qwen/Qwen2.5-VL-3B-Instruct. Tests and the CPU demo train it.
+It is the family's real model class (`Qwen2_5_VLForConditionalGeneration`,
+`Qwen3VLForConditionalGeneration`) and processor class with few layers, saved so that
+`AutoProcessor.from_pretrained(DIR)` and `AutoModelForImageTextToText.from_pretrained(DIR)` load it
+exactly as they load Qwen/Qwen2.5-VL-3B-Instruct or Qwen/Qwen3-VL-4B-Instruct. Tests and the CPU
+demo train it.
 
     python scripts/make_tiny_model.py --output_dir models/tiny-qwen2.5-vl
+    python scripts/make_tiny_model.py --family qwen3_vl --output_dir models/tiny-qwen3-vl
 """
 
 import argparse
@@ -20,6 +23,10 @@ from transformers import (
     Qwen2TokenizerFast,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,6 +38,15 @@ SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
+
+# Qwen3-VL's tokenizer adds Qwen3's tool, fill-in-the-middle and thinking tokens after those, as
+# ordinary (special: false) tokens (tokenizer_config.json of Qwen/Qwen3-VL-*-Instruct).
+QWEN3_EXTRA_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+]  # fmt: skip
+# Qwen3-VL-Instruct's chat_template.json, unchanged: no default system prompt, unlike Qwen2.5-VL's.
+QWEN3_VL_CHAT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "qwen3_vl_chat_template.jinja")
 
 # Qwen2.5-VL-Instruct's chat template (default system prompt, image/video placeholders).
 CHAT_TEMPLATE = (
@@ -62,7 +78,7 @@ TOKENIZER_CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int) -> Qwen2TokenizerFast:
+def build_tokenizer(vocab_size: int, chat_template: str, extra_tokens=()) -> Qwen2TokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     # Digits as single tokens: every coordinate is spelled digit by digit, which is easy to learn.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -77,7 +93,7 @@ def build_tokenizer(vocab_size: int) -> Qwen2TokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(TOKENIZER_CORPUS * 20, trainer=trainer)
-    return Qwen2TokenizerFast(
+    tokenizer = Qwen2TokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -85,13 +101,125 @@ def build_tokenizer(vocab_size: int) -> Qwen2TokenizerFast:
         unk_token=None,
         additional_special_tokens=SPECIAL_TOKENS[1:],
         model_max_length=32768,
+        chat_template=chat_template,
+    )
+    tokenizer.add_tokens(list(extra_tokens))
+    return tokenizer
+
+
+def mrope_section(head_dim: int, interleaved: bool) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (time, height, width). Qwen2.5-VL's blocks follow the
+    3B's [16, 24, 24]; Qwen3-VL interleaves them (t h w t h w ...), so height and width get at most a third."""
+    half = head_dim // 2
+    height_width = (half - 1) // 3 if interleaved else half * 3 // 8
+    return [half - 2 * height_width, height_width, height_width]
+
+
+def text_config(args, tokenizer, interleaved: bool) -> dict:
+    head_dim = args.hidden_size // args.num_heads
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": mrope_section(head_dim, interleaved)}
+    if interleaved:
+        rope["mrope_interleaved"] = True
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 4,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=max(1, args.num_heads // 2),
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def vision_token_ids(tokenizer) -> dict:
+    """The config's vision token ids, read from the tokenizer (they differ from the real model's)."""
+    return dict(
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+
+
+def build_qwen2_5_vl(args):
+    tokenizer = build_tokenizer(args.vocab_size, CHAT_TEMPLATE)
+    factor = 14 * 2  # Qwen2.5-VL's patch_size * merge_size, the processor's defaults
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=args.min_pixels or factor * factor * 4, max_pixels=args.max_pixels or factor * factor * 1280
+        ),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config(args, tokenizer, interleaved=False),
+        vision_config=dict(
+            depth=args.vision_depth,
+            hidden_size=args.vision_hidden_size,
+            intermediate_size=args.vision_hidden_size * 2,
+            num_heads=args.vision_heads,
+            out_hidden_size=args.hidden_size,
+            fullatt_block_indexes=[args.vision_depth - 1],
+        ),
+        **vision_token_ids(tokenizer),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+def build_qwen3_vl(args):
+    with open(QWEN3_VL_CHAT_TEMPLATE_FILE) as f:
+        chat_template = f.read()
+    tokenizer = build_tokenizer(args.vocab_size, chat_template, QWEN3_EXTRA_TOKENS)
+    patch_size, merge_size = 16, 2  # Qwen3-VL's preprocessor_config.json
+    factor = patch_size * merge_size
+    # Qwen3-VL's own min_pixels (65536) would enlarge the demo's 112 px images to 256 px: 4x the tokens.
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        min_pixels=args.min_pixels or factor * factor * 4,
+        max_pixels=args.max_pixels or factor * factor * 1280,
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        video_processor=Qwen3VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+    )
+    config = Qwen3VLConfig(
+        text_config=text_config(args, tokenizer, interleaved=True),
+        vision_config=dict(
+            depth=args.vision_depth,
+            hidden_size=args.vision_hidden_size,
+            intermediate_size=args.vision_hidden_size * 2,
+            num_heads=args.vision_heads,
+            out_hidden_size=args.hidden_size,
+            patch_size=patch_size,
+            spatial_merge_size=merge_size,
+            temporal_patch_size=2,
+            num_position_embeddings=16 * 16,  # a learned 16 x 16 grid, interpolated to each image's
+            deepstack_visual_indexes=[0],
+        ),
+        **vision_token_ids(tokenizer),
+    )
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
+BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--family", default="qwen2_5_vl", choices=sorted(BUILDERS), help="the model_type to build")
     parser.add_argument("--seed", type=int, default=0)
     # Big enough for every word of the chat frame and prompt to become one token (the corpus saturates
     # at ~470): shorter sequences, cheaper steps. Digits stay single tokens whatever the size.
@@ -105,59 +233,21 @@ def main():
     # The 3B's 1e6 suits thousands of positions; the tiny model's images are a few tokens across, and
     # mRoPE gives the width axis the slowest frequencies: at 1e4 neighbouring columns look alike.
     parser.add_argument("--rope_theta", type=float, default=10.0)
-    parser.add_argument("--min_pixels", type=int, default=28 * 28 * 4)
-    parser.add_argument("--max_pixels", type=int, default=28 * 28 * 1280)
+    parser.add_argument("--min_pixels", type=int, help="default: 4 tokens (patch_size * merge_size squared, x 4)")
+    parser.add_argument("--max_pixels", type=int, help="default: 1280 tokens")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    tokenizer = build_tokenizer(args.vocab_size)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels),
-        video_processor=Qwen2VLVideoProcessor(),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-    head_dim = args.hidden_size // args.num_heads
-    # mRoPE splits head_dim / 2 rotary frequencies over (time, height, width), as the 3B's [16, 24, 24] does.
-    height_width = (head_dim // 2) * 3 // 8
-    mrope_section = [head_dim // 2 - 2 * height_width, height_width, height_width]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=args.hidden_size,
-            intermediate_size=args.hidden_size * 4,
-            num_hidden_layers=args.num_layers,
-            num_attention_heads=args.num_heads,
-            num_key_value_heads=max(1, args.num_heads // 2),
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": mrope_section},
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=args.vision_depth,
-            hidden_size=args.vision_hidden_size,
-            intermediate_size=args.vision_hidden_size * 2,
-            num_heads=args.vision_heads,
-            out_hidden_size=args.hidden_size,
-            fullatt_block_indexes=[args.vision_depth - 1],
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, processor = BUILDERS[args.family](args)
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
 
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     num_parameters = sum(p.numel() for p in model.parameters())
-    print(f"tiny Qwen2.5-VL ({num_parameters / 1e6:.2f}M parameters, vocab {len(tokenizer)}) saved to {args.output_dir}")
+    vocab = len(processor.tokenizer)
+    print(f"tiny {args.family} ({num_parameters / 1e6:.2f}M parameters, vocab {vocab}) saved to {args.output_dir}")
 
 
 if __name__ == "__main__":

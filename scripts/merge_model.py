@@ -18,7 +18,8 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import IMAGE_SETTINGS_FILE, processor_dir  # noqa: E402
+from model_families import check_settings_family, detect_family  # noqa: E402
+from utils import IMAGE_SETTINGS_FILE, ImageSettings, processor_dir  # noqa: E402
 
 
 def same_base(trained_on: str, given: str) -> bool:
@@ -46,6 +47,16 @@ def main():
             "Pass the right base, or --force if it is the same model under another name."
         )
 
+    # The settings travel with the merged model: they must be of the base model's family.
+    candidates = (args.adapter, args.base_model)
+    settings_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, IMAGE_SETTINGS_FILE))), None)
+    try:
+        family = detect_family(args.base_model)
+        if settings_dir is not None:
+            check_settings_family(ImageSettings.load(settings_dir), family, settings_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
     base_dtype = AutoConfig.from_pretrained(args.base_model).dtype or torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.base_model, dtype=torch.float32)
     try:
@@ -59,8 +70,6 @@ def main():
 
     # The processor and image settings travel with the adapter when training saved them there.
     processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.base_model))
-    candidates = (args.adapter, args.base_model)
-    settings_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, IMAGE_SETTINGS_FILE))), None)
     if settings_dir is None:
         where = f"{args.adapter} or {args.base_model}"
         print(f"warning: no {IMAGE_SETTINGS_FILE} in {where}: infer.py will need --max_image_side", file=sys.stderr)

@@ -6,16 +6,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from conftest import rows_from_dataset, run_script
+from model_families import FAMILIES, MODEL_FRAME_0_1000
 from utils import IGNORE_INDEX, load_image, read_answer_box
-from vision_datacollator import Qwen2_5VLCollator
+from vision_datacollator import GroundingCollator
+
+QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
+
+
+def qwen2_5_vl_collator(processor, **kwargs):
+    """The collator for the tiny Qwen2.5-VL, for the tests that need only one family."""
+    return GroundingCollator(processor, family=QWEN2_5_VL, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny(request, tiny_model_dir, tiny_qwen3_vl_dir):
+    """(family, processor, model) of each tiny family, detected as sft.py detects it."""
+    model_dir = {"qwen2_5_vl": tiny_model_dir, "qwen3_vl": tiny_qwen3_vl_dir}[request.param]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    assert model.config.model_type == request.param
+    return FAMILIES[request.param], AutoProcessor.from_pretrained(model_dir), model
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny(request, tiny_model_dir, tiny_qwen3_vl_dir):
+    """(family, processor, model) of each tiny family, detected as sft.py detects it."""
+    model_dir = {"qwen2_5_vl": tiny_model_dir, "qwen3_vl": tiny_qwen3_vl_dir}[request.param]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    assert model.config.model_type == request.param
+    return FAMILIES[request.param], AutoProcessor.from_pretrained(model_dir), model
 
 
 def test_rows_cover_sizes_and_orientations(collator_rows):
@@ -26,8 +52,11 @@ def test_rows_cover_sizes_and_orientations(collator_rows):
 
 @pytest.mark.parametrize("max_side", [224, 448])
 @pytest.mark.parametrize("padding", ["longest", "max_length"])
-def test_position_ids_equal_transformers_get_rope_index(model, processor, collator_rows, max_side, padding):
-    collator = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding=padding)
+def test_position_ids_equal_transformers_get_rope_index(tiny, collator_rows, max_side, padding):
+    family, processor, model = tiny
+    collator = GroundingCollator(
+        processor, max_seq_length=2048, max_img_side_length=max_side, padding=padding, family=family
+    )
     for start in range(0, len(collator_rows), 4):
         batch = collator(collator_rows[start : start + 4])
         reference, _ = model.model.get_rope_index(
@@ -40,12 +69,14 @@ def test_position_ids_equal_transformers_get_rope_index(model, processor, collat
 
 
 @pytest.mark.parametrize("max_side", [224, 448])
-def test_packed_position_ids_restart_per_sample(model, processor, collator_rows, max_side):
+def test_packed_position_ids_restart_per_sample(tiny, collator_rows, max_side):
+    family, processor, model = tiny
     rows = collator_rows[:5]
-    batch = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding="packed")(rows)
+    settings = dict(max_seq_length=2048, max_img_side_length=max_side, family=family)
+    batch = GroundingCollator(processor, padding="packed", **settings)(rows)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     assert batch["position_ids"].shape == (4, 1, batch["input_ids"].shape[1])
-    single = Qwen2_5VLCollator(processor, max_seq_length=2048, max_img_side_length=max_side, padding="longest")
+    single = GroundingCollator(processor, padding="longest", **settings)
     offset = 0
     for row in rows:
         alone = single([row])
@@ -60,8 +91,11 @@ def test_packed_position_ids_restart_per_sample(model, processor, collator_rows,
 
 
 @pytest.mark.parametrize("max_side", [224, 448, 1024])
-def test_label_box_is_original_box_in_model_frame(processor, collator_rows, max_side):
-    collator = Qwen2_5VLCollator(processor, max_seq_length=8192, max_img_side_length=max_side)
+def test_label_box_is_original_box_in_model_frame(tiny, collator_rows, max_side):
+    """Qwen2.5-VL learns pixels of the frame the processor really fed the model (from image_grid_thw),
+    Qwen3-VL round(x / frame width * 1000) of that frame."""
+    family, processor, _ = tiny
+    collator = GroundingCollator(processor, max_seq_length=8192, max_img_side_length=max_side, family=family)
     batch = collator(collator_rows)
     patch = processor.image_processor.patch_size
     for index, row in enumerate(collator_rows):
@@ -75,9 +109,15 @@ def test_label_box_is_original_box_in_model_frame(processor, collator_rows, max_
         _, grid_h, grid_w = batch["image_grid_thw"][index].tolist()
         original_size = Image.open(row["image"][0]).size
         x1, y1, x2, y2 = read_answer_box(row["assistant"])
-        scale_x, scale_y = grid_w * patch / original_size[0], grid_h * patch / original_size[1]
+        frame_w, frame_h = grid_w * patch, grid_h * patch
+        scale_x, scale_y = frame_w / original_size[0], frame_h / original_size[1]
         expected = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
-        assert max(abs(a - b) for a, b in zip(learned_box, expected)) <= 1.0
+        if family.coordinate_system == MODEL_FRAME_0_1000:
+            expected = [x * 1000 / size for x, size in zip(expected, (frame_w, frame_h, frame_w, frame_h))]
+            assert all(float(v).is_integer() for v in learned_box)
+            assert max(abs(a - b) for a, b in zip(learned_box, expected)) <= 0.5 + 1e-6
+        else:
+            assert max(abs(a - b) for a, b in zip(learned_box, expected)) <= 1.0
 
 
 def per_sample_losses(model, batch, sample_slices):
@@ -92,10 +132,11 @@ def per_sample_losses(model, batch, sample_slices):
     return losses
 
 
-def test_packed_loss_equals_longest_loss_per_sample(model, processor, collator_rows):
+def test_packed_loss_equals_longest_loss_per_sample(tiny, collator_rows):
+    family, processor, model = tiny
     rows = collator_rows[:4]
-    longest = Qwen2_5VLCollator(processor, max_img_side_length=224, padding="longest")(rows)
-    packed = Qwen2_5VLCollator(processor, max_img_side_length=224, padding="packed")(rows)
+    longest = GroundingCollator(processor, max_img_side_length=224, padding="longest", family=family)(rows)
+    packed = GroundingCollator(processor, max_img_side_length=224, padding="packed", family=family)(rows)
     lengths = longest["attention_mask"].sum(1).tolist()
     longest_losses = per_sample_losses(model, longest, [(i, slice(0, n)) for i, n in enumerate(lengths)])
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
@@ -108,9 +149,9 @@ def test_packed_loss_equals_longest_loss_per_sample(model, processor, collator_r
 
 def test_too_long_samples_are_dropped_and_counted_or_raise(processor, collator_rows, caplog):
     rows = collator_rows[:4]
-    lengths = Qwen2_5VLCollator(processor, max_img_side_length=448)(rows)["attention_mask"].sum(1).tolist()
+    lengths = qwen2_5_vl_collator(processor, max_img_side_length=448)(rows)["attention_mask"].sum(1).tolist()
     limit = sorted(lengths)[1]  # the two shortest fit, the rest do not
-    collator = Qwen2_5VLCollator(processor, max_seq_length=limit, max_img_side_length=448, padding="max_length")
+    collator = qwen2_5_vl_collator(processor, max_seq_length=limit, max_img_side_length=448, padding="max_length")
     with caplog.at_level(logging.WARNING):
         batch = collator(rows)
     kept = sum(n <= limit for n in lengths)
@@ -123,15 +164,15 @@ def test_too_long_samples_are_dropped_and_counted_or_raise(processor, collator_r
     expected_tokens = batch["image_grid_thw"].prod(-1) // 4
     assert torch.equal((batch["input_ids"] == image_token_id).sum(1), expected_tokens)
 
-    raising = Qwen2_5VLCollator(processor, max_seq_length=limit, max_img_side_length=448, too_long="raise")
+    raising = qwen2_5_vl_collator(processor, max_seq_length=limit, max_img_side_length=448, too_long="raise")
     with pytest.raises(ValueError, match="max_seq_length"):
         raising(rows)
     with pytest.raises(ValueError, match="every sample"):
-        Qwen2_5VLCollator(processor, max_seq_length=10, max_img_side_length=448)(rows)
+        qwen2_5_vl_collator(processor, max_seq_length=10, max_img_side_length=448)(rows)
 
 
 def test_bad_inputs_give_clear_errors(processor, collator_rows, tmp_path):
-    collator = Qwen2_5VLCollator(processor, max_img_side_length=224)
+    collator = qwen2_5_vl_collator(processor, max_img_side_length=224)
     good = collator_rows[0]
     missing = str(tmp_path / "missing.jpg")
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
@@ -144,13 +185,13 @@ def test_bad_inputs_give_clear_errors(processor, collator_rows, tmp_path):
         with pytest.raises(ValueError, match=good["image"][0]):
             collator([{**good, "assistant": answer}])
     with pytest.raises(ValueError, match="padding"):
-        Qwen2_5VLCollator(processor, padding="right")
+        qwen2_5_vl_collator(processor, padding="right")
 
 
 def test_processor_resizing_again_is_an_error(processor, collator_rows):
     """Image settings whose min_pixels is below the processor's: a 28 px frame that the processor
     would enlarge again, so the box would sit in the wrong frame. Training must refuse it."""
-    collator = Qwen2_5VLCollator(processor, max_img_side_length=28)
+    collator = qwen2_5_vl_collator(processor, max_img_side_length=28)
     assert processor.image_processor.size["shortest_edge"] > 28 * 28
     collator.image_settings = dataclasses.replace(collator.image_settings, min_pixels=28 * 28)
     with pytest.raises(ValueError, match="the processor resized .* again"):
@@ -158,7 +199,7 @@ def test_processor_resizing_again_is_an_error(processor, collator_rows):
 
 
 def test_image_modes_are_converted(processor, collator_rows, tmp_path):
-    collator = Qwen2_5VLCollator(processor, max_img_side_length=224)
+    collator = qwen2_5_vl_collator(processor, max_img_side_length=224)
     row = collator_rows[0]
     rgb = Image.open(row["image"][0])
     reference = collator([row])
@@ -192,7 +233,7 @@ def test_target_box_sits_on_object_edges(processor, tmp_path):
         "--shapes", "square", "--max_distractors", "0", "--min_object", "0.3",
     )  # fmt: skip
     rows = rows_from_dataset(dataset_dir, tmp_path / "images")
-    collator = Qwen2_5VLCollator(processor, max_img_side_length=336)
+    collator = qwen2_5_vl_collator(processor, max_img_side_length=336)
     batch = collator(rows)
     offset = 0
     for index, row in enumerate(rows):
@@ -228,14 +269,14 @@ def test_defaults_keep_a_textvqa_sized_sample_and_the_tutorial_name_still_works(
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (640, 480), (90, 120, 200)).save(path)
     row = {"image": [str(path)], "user": "where is the sign?", "assistant": '{"bbox_2d": [64, 48, 320, 240]}'}
-    collator = Qwen2_5VLCollator(processor)
+    collator = qwen2_5_vl_collator(processor)
     batch = collator([row])
     assert collator.num_dropped == 0
     assert batch["image_grid_thw"].tolist() == [[1, 196 // 14, 252 // 14]]
     labels = batch["labels"][0]
     assert json.loads(processor.tokenizer.decode(labels[labels != IGNORE_INDEX][:-1])) == {"bbox_2d": [25, 20, 126, 98]}
-    tutorial = Qwen2_5VLCollator(processor, max_img_side_length=448)
-    assert tutorial.image_settings == Qwen2_5VLCollator(processor, max_image_side=448).image_settings
+    tutorial = qwen2_5_vl_collator(processor, max_img_side_length=448)
+    assert tutorial.image_settings == qwen2_5_vl_collator(processor, max_image_side=448).image_settings
     assert tutorial.image_settings.max_image_side == 448
     with pytest.raises(ValueError, match="give one"):
-        Qwen2_5VLCollator(processor, max_image_side=336, max_img_side_length=448)
+        qwen2_5_vl_collator(processor, max_image_side=336, max_img_side_length=448)

@@ -8,7 +8,10 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from conftest import REPO_DIR
+from model_families import FAMILIES
 from utils import ImageSettings, build_messages, format_answer, model_frame_size, to_model_frame
+
+QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
 
 
 def test_tiny_model_loads_trains_and_generates(tiny_model_dir):
@@ -77,7 +80,7 @@ def test_model_frame_matches_processor_grid(processor):
     """Our frame maths equals the processor's own smart_resize: its resize becomes a no-op."""
     patch = processor.image_processor.patch_size
     for max_side in (224, 448, 1024):
-        settings = ImageSettings.from_processor(processor, max_side)
+        settings = ImageSettings.from_processor(processor, max_side, QWEN2_5_VL)
         for width, height in [(150, 150), (1300, 200), (200, 1300), (1024, 681), (333, 777), (640, 480)]:
             image = to_model_frame(Image.new("RGB", (width, height)), settings)
             grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]

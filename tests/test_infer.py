@@ -16,6 +16,7 @@ from PIL import Image
 
 import infer
 from conftest import REPO_DIR, run_script
+from model_families import FAMILIES
 from utils import ImageSettings, format_answer, load_sft_jsonl, parse_bbox, read_answer_box
 
 # What models really emit: the trained format, Qwen2.5-VL's zero-shot habits, Qwen2-VL's point
@@ -32,6 +33,24 @@ PARSER_TABLE = [
     ('{"bbox_2d": [12, 34, 56, 78]}"}', [12, 34, 56, 78]),  # junk after the JSON
     ('[{"bbox_2d": [1, 2, 3, 4], "label": "the na', [1, 2, 3, 4]),  # cut off by max_new_tokens
     ("{'bbox_2d': [1, 2, 3, 4]}", [1, 2, 3, 4]),  # Python dict, not JSON
+    # Qwen3-VL's zero-shot answers (0-1000), from Qwen's cookbooks (QwenLM/Qwen3-VL, cookbooks/omni_recognition.ipynb
+    # and think_with_images.ipynb): a fenced list with tabs and extra keys; the model's own broken list (an
+    # object opened twice); a tool call with text around it.
+    (
+        '```json\n[\n\t{"bbox_2d": [0, 614, 224, 825], "name_zh": "米饭", "name_en": "Rice"},\n'
+        '\t{"bbox_2d": [266, 126, 695, 343], "name_zh": "土豆胡萝卜排骨汤", "name_en": "Potato Carrot Pork Rib Soup"}\n]\n```',
+        [0, 614, 224, 825],
+    ),
+    (
+        '```json\n[\n\t{\n\t{"bbox_2d": [649, 116, 794, 643],\n\t\t"names": {\n\t\t\t"zh": "伊黑小芭内",\n'
+        '\t\t\t"en": "Obanai Iguro"\n\t\t}\n\t},\n\t{\n\t\t"bbox_2d": [762, 34, 999, 555],',
+        [649, 116, 794, 643],
+    ),
+    (
+        "I will zoom in on the main bear character.\n\n\n[TOOL_CALL] image_zoom_in_tool\n"
+        '{"label": "central bear logo", "bbox_2d": [395, 276, 618, 740], "img_idx": 0}',
+        [395, 276, 618, 740],
+    ),
     ("[12, 34, 56, 78]", [12, 34, 56, 78]),
     ("[\n  12,\n  34,\n  56,\n  78\n]", [12, 34, 56, 78]),
     ("[[10, 20, 30, 40]]", [10, 20, 30, 40]),
@@ -50,6 +69,8 @@ PARSER_TABLE = [
     ('{"bbox_2d": [', None),
     ("1 2 3 4", None),
 ]
+
+QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
 
 
 @pytest.mark.parametrize("text, expected", PARSER_TABLE)
@@ -98,7 +119,7 @@ def test_predicted_boxes_map_back_to_original_pixels_exactly(processor, tmp_path
         samples[query] = (box, (width, height))
     model = ScriptedModel(processor, samples)
     for max_image_side in (112, 448):
-        settings = ImageSettings.from_processor(processor, max_image_side)
+        settings = ImageSettings.from_processor(processor, max_image_side, QWEN2_5_VL)
         predictions = infer.predict(model, processor, rows, settings, 3, 64, show_progress=False)
         for row, prediction in zip(rows, predictions):
             true_box = samples[row["user"]][0]
@@ -283,18 +304,18 @@ def test_image_settings_come_from_training_unless_overridden(processor, tmp_path
     untrained.mkdir()
     trained.mkdir()
     with pytest.warns(UserWarning, match="training's image size is unknown"):
-        default = infer.resolve_image_settings(processor, [str(untrained)], None)
-    assert default == ImageSettings.from_processor(processor, infer.DEFAULT_MAX_IMAGE_SIDE)
-    saved = dataclasses.replace(ImageSettings.from_processor(processor, 336), min_pixels=28 * 28 * 8)
+        default = infer.resolve_image_settings(processor, [str(untrained)], None, QWEN2_5_VL)
+    assert default == ImageSettings.from_processor(processor, infer.DEFAULT_MAX_IMAGE_SIDE, QWEN2_5_VL)
+    saved = dataclasses.replace(ImageSettings.from_processor(processor, 336, QWEN2_5_VL), min_pixels=28 * 28 * 8)
     saved.save(trained)
     # The adapter dir comes first, then the model dir: the first that holds settings wins.
-    assert infer.resolve_image_settings(processor, [str(untrained), str(trained)], None) == saved
+    assert infer.resolve_image_settings(processor, [str(untrained), str(trained)], None, QWEN2_5_VL) == saved
     with pytest.warns(UserWarning, match="differs from the 336"):
-        overridden = infer.resolve_image_settings(processor, [str(trained)], 448)
+        overridden = infer.resolve_image_settings(processor, [str(trained)], 448, QWEN2_5_VL)
     assert overridden == dataclasses.replace(saved, max_image_side=448)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert infer.resolve_image_settings(processor, [str(trained)], 336) == saved
+        assert infer.resolve_image_settings(processor, [str(trained)], 336, QWEN2_5_VL) == saved
 
 
 def test_picture_draws_both_boxes_where_they_are(tmp_path):

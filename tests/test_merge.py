@@ -6,7 +6,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from conftest import run_script
+from model_families import FAMILIES
 from utils import ImageSettings, build_messages, to_model_frame
+
+QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
 
 
 def make_adapter(base_dir, adapter_dir, max_image_side=224):
@@ -19,7 +22,7 @@ def make_adapter(base_dir, adapter_dir, max_image_side=224):
         if "lora_B" in name:
             parameter.data.normal_(0, 0.1)
     model.save_pretrained(adapter_dir)
-    ImageSettings.from_processor(AutoProcessor.from_pretrained(base_dir), max_image_side).save(adapter_dir)
+    ImageSettings.from_processor(AutoProcessor.from_pretrained(base_dir), max_image_side, QWEN2_5_VL).save(adapter_dir)
     return str(adapter_dir)
 
 
