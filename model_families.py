@@ -49,7 +49,8 @@ FAMILIES = {
 }
 # Known to transformers, close to a supported family, and still refused: why, so users know what is missing.
 REFUSED = {
-    "qwen2_vl": "Qwen2-VL answers in 0-1000 with <|box_start|>(x1,y1),(x2,y2)<|box_end|>, a format this repo does not train",
+    "qwen2_vl": "Qwen2-VL answers in 0-1000 with <|box_start|>(x1,y1),(x2,y2)<|box_end|>, "
+    "a format this repo does not train",
     "qwen3_5": "Qwen3.5's vision path and rope index are Qwen3-VL's, but its grounding coordinate convention is "
     "not verified here and its Gated DeltaNet layers need flash-linear-attention kernels to keep packed samples apart",
     "qwen3_5_moe": "see qwen3_5",
@@ -91,7 +92,8 @@ def answer_frame_size(coordinate_system: str, model_size: tuple[int, int]) -> tu
         return model_size
     if coordinate_system == MODEL_FRAME_0_1000:
         return RELATIVE_SCALE, RELATIVE_SCALE
-    raise ValueError(f"unknown coordinate system {coordinate_system!r}, known: {MODEL_FRAME_PIXELS}, {MODEL_FRAME_0_1000}")
+    known = f"{MODEL_FRAME_PIXELS}, {MODEL_FRAME_0_1000}"
+    raise ValueError(f"unknown coordinate system {coordinate_system!r}, known: {known}")
 
 
 def box_to_answer(box, coordinate_system: str, original_size, model_size) -> list[int]:

@@ -46,7 +46,9 @@ QWEN3_EXTRA_TOKENS = [
     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
 ]  # fmt: skip
 # Qwen3-VL-Instruct's chat_template.json, unchanged: no default system prompt, unlike Qwen2.5-VL's.
-QWEN3_VL_CHAT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "qwen3_vl_chat_template.jinja")
+QWEN3_VL_CHAT_TEMPLATE_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "templates", "qwen3_vl_chat_template.jinja"
+)
 
 # Qwen2.5-VL-Instruct's chat template (default system prompt, image/video placeholders).
 CHAT_TEMPLATE = (
@@ -117,7 +119,8 @@ def mrope_section(head_dim: int, interleaved: bool) -> list[int]:
 
 def text_config(args, tokenizer, interleaved: bool) -> dict:
     head_dim = args.hidden_size // args.num_heads
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": mrope_section(head_dim, interleaved)}
+    section = mrope_section(head_dim, interleaved)
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": section}
     if interleaved:
         rope["mrope_interleaved"] = True
     return dict(
@@ -133,6 +136,16 @@ def text_config(args, tokenizer, interleaved: bool) -> dict:
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def vision_sizes(args) -> dict:
+    return dict(
+        depth=args.vision_depth,
+        hidden_size=args.vision_hidden_size,
+        intermediate_size=args.vision_hidden_size * 2,
+        num_heads=args.vision_heads,
+        out_hidden_size=args.hidden_size,
     )
 
 
@@ -159,14 +172,7 @@ def build_qwen2_5_vl(args):
     )
     config = Qwen2_5_VLConfig(
         text_config=text_config(args, tokenizer, interleaved=False),
-        vision_config=dict(
-            depth=args.vision_depth,
-            hidden_size=args.vision_hidden_size,
-            intermediate_size=args.vision_hidden_size * 2,
-            num_heads=args.vision_heads,
-            out_hidden_size=args.hidden_size,
-            fullatt_block_indexes=[args.vision_depth - 1],
-        ),
+        vision_config=dict(**vision_sizes(args), fullatt_block_indexes=[args.vision_depth - 1]),
         **vision_token_ids(tokenizer),
     )
     return Qwen2_5_VLForConditionalGeneration(config), processor
@@ -197,11 +203,7 @@ def build_qwen3_vl(args):
     config = Qwen3VLConfig(
         text_config=text_config(args, tokenizer, interleaved=True),
         vision_config=dict(
-            depth=args.vision_depth,
-            hidden_size=args.vision_hidden_size,
-            intermediate_size=args.vision_hidden_size * 2,
-            num_heads=args.vision_heads,
-            out_hidden_size=args.hidden_size,
+            **vision_sizes(args),
             patch_size=patch_size,
             spatial_merge_size=merge_size,
             temporal_patch_size=2,

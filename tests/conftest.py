@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model and synthetic data are built once per session by the same
 scripts a user runs, then reused read-only by every test."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -81,3 +82,35 @@ def rows_from_dataset(dataset_dir, image_dir, limit=None):
 @pytest.fixture(scope="session")
 def collator_rows(synthetic_dataset_dir, tmp_path_factory):
     return rows_from_dataset(synthetic_dataset_dir, tmp_path_factory.mktemp("collator_images"), limit=12)
+
+
+@pytest.fixture(scope="session")
+def data_dir(synthetic_dataset_dir, tmp_path_factory):
+    """test.jsonl: 8 converted samples; first4/last4.jsonl: its halves, to train on."""
+    data_dir = tmp_path_factory.mktemp("infer_data")
+    run_script(
+        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
+        "--type", "test", "--train_range", "8:40", "--test_range", "0:8", "--num_workers", 1,
+    )  # fmt: skip
+    lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
+    (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
+    (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
+    return data_dir
+
+
+def train(model_dir, train_file, output_dir, *extra_args):
+    """sft.py with the tiny CPU recipe at 56 px; returns the run dir (sft.py prefixes the device)."""
+    run_script(
+        "sft.py", "--config", "configs/tiny_cpu.yaml", "--model_name_or_path", model_dir,
+        "--train_dataset_name", train_file, "--output_dir", output_dir, "--max_image_side", 56,
+        "--per_device_train_batch_size", 4, "--save_strategy", "no", *extra_args,
+        env={"OMP_NUM_THREADS": "1"},  # small matrices: one thread is several times faster on a shared CPU
+    )  # fmt: skip
+    (run_dir,) = glob.glob(f"{output_dir.parent}/*_{output_dir.name}")
+    return run_dir
+
+
+def train_lora(base_dir, train_file, output_dir, max_steps):
+    """sft.py LoRA (r 8 on the language model's q/v_proj, lr 1e-2) on top of base_dir; returns the adapter dir."""
+    lora = ["--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj"]
+    return train(base_dir, train_file, output_dir, *lora, "--max_steps", max_steps, "--learning_rate", 1e-2)

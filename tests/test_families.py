@@ -1,8 +1,7 @@
-"""Model families: Qwen3-VL through every entry point (sft.py, merge_model.py, infer.py), its
-0-1000 answers mapped back to original pixels, and the refusals (unsupported family, settings
-file of another family). The collator's per-family checks live in test_collator.py."""
+"""Model families: each family's answers mapped back to original pixels by infer.py, Qwen3-VL
+through every entry point (sft.py, LoRA, merge_model.py, infer.py), and the refusals (unsupported
+family, settings file of another family). The collator's per-family checks live in test_collator.py."""
 
-import glob
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import infer
 import sft
-from conftest import run_script
+from conftest import run_script, train, train_lora
 from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family
 from utils import IMAGE_SETTINGS_FILE, ImageSettings, format_answer, parse_bbox
 
@@ -30,15 +29,30 @@ def test_families_are_detected_from_config_and_read_the_processor(tiny_model_dir
     assert (settings.model_family, settings.coordinate_system) == ("qwen3_vl", MODEL_FRAME_0_1000)
 
 
-class ZeroTo1000Model:
-    """Stands in for Qwen3-VL in the mapping test only: it answers each prompt with the true box in
-    whole 0-1000 units of the frame the processor really fed the model (read from image_grid_thw)."""
+def blank_image_rows(directory, sizes):
+    """One plain image per (width, height), each asked for one box (the first: the whole image).
+    Returns the collator rows and {query: (true box in original pixels, (width, height))}."""
+    rows, samples = [], {}
+    for index, (width, height) in enumerate(sizes):
+        path = os.path.join(directory, f"{index}.png")
+        Image.new("RGB", (width, height), (200, 200, 200)).save(path)
+        box = [0.137 * width, 0.211 * height, 0.773 * width, 0.9 * height] if index else [0, 0, width, height]
+        query = f"where is object number {index}?"
+        rows.append({"image": [path], "user": query, "assistant": format_answer(box)})
+        samples[query] = (box, (width, height))
+    return rows, samples
 
-    device = torch.device("cpu")
 
-    def __init__(self, processor, samples):
+class ScriptedModel:
+    """Stands in for the model in the mapping tests only. It answers each prompt with the true box in
+    the frame the processor really fed the model (read from image_grid_thw, not from utils), written
+    by `write(box in frame pixels, frame (width, height))`, so any error in mapping back shows."""
+
+    def __init__(self, processor, samples, write):
+        self.device = torch.device("cpu")
         self.processor = processor
         self.samples = samples  # query -> (true box in original pixels, original (width, height))
+        self.write = write
 
     def generate(self, input_ids, image_grid_thw, **kwargs):
         tokenizer = self.processor.tokenizer
@@ -46,37 +60,47 @@ class ZeroTo1000Model:
         answers = []
         for ids, (_, grid_h, grid_w) in zip(input_ids, image_grid_thw.tolist()):
             prompt = tokenizer.decode(ids, skip_special_tokens=True)
-            box, (width, height) = next(s for query, s in self.samples.items() if query in prompt)
+            (x1, y1, x2, y2), (width, height) = next(s for query, s in self.samples.items() if query in prompt)
             frame = (grid_w * patch, grid_h * patch)
-            in_frame = [v * frame[i % 2] / (width, height)[i % 2] for i, v in enumerate(box)]
-            relative = [round(v / frame[i % 2] * 1000) for i, v in enumerate(in_frame)]
-            answers.append(tokenizer.encode(json.dumps({"bbox_2d": relative}) + "<|im_end|>"))
+            scale_x, scale_y = frame[0] / width, frame[1] / height
+            frame_box = [x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
+            answers.append(tokenizer.encode(json.dumps({"bbox_2d": self.write(frame_box, frame)}) + "<|im_end|>"))
         longest = max(map(len, answers))
         padded = [answer + [tokenizer.pad_token_id] * (longest - len(answer)) for answer in answers]
         return torch.cat([input_ids, torch.tensor(padded)], dim=1)
 
 
-def test_0_1000_predictions_map_back_to_original_pixels(tiny_qwen3_vl_dir, tmp_path):
-    processor = AutoProcessor.from_pretrained(tiny_qwen3_vl_dir)
-    sizes = [(150, 150), (1300, 200), (200, 1300), (1024, 681), (333, 777), (97, 61), (4000, 3000)]
-    rows, samples = [], {}
-    for index, (width, height) in enumerate(sizes):
-        path = str(tmp_path / f"{index}.png")
-        Image.new("RGB", (width, height), (200, 200, 200)).save(path)
-        box = [0.137 * width, 0.211 * height, 0.773 * width, 0.9 * height] if index else [0, 0, width, height]
-        query = f"where is object number {index}?"
-        rows.append({"image": [path], "user": query, "assistant": format_answer(box)})
-        samples[query] = (box, (width, height))
-    model = ZeroTo1000Model(processor, samples)
-    for max_image_side in (64, 224):
-        settings = ImageSettings.from_processor(processor, max_image_side, QWEN3_VL)
+def write_pixels(frame_box, frame):  # Qwen2.5-VL: pixels of the frame, to 4 decimals so any mapping error shows
+    return [round(v, 4) for v in frame_box]
+
+
+def write_0_1000(frame_box, frame):  # Qwen3-VL: whole 0-1000 units of the frame, as the model writes them
+    return [round(v / frame[i % 2] * 1000) for i, v in enumerate(frame_box)]
+
+
+@pytest.mark.parametrize(
+    "family, write, tolerance",
+    [
+        (QWEN2_5_VL, write_pixels, lambda side: 0.01),
+        # A 0-1000 unit is side / 1000 px: rounding to it costs at most half of that.
+        (QWEN3_VL, write_0_1000, lambda side: side / 1000 + 0.5),
+    ],
+    ids=["qwen2_5_vl", "qwen3_vl"],
+)
+def test_predictions_map_back_to_original_pixels(family, write, tolerance, tiny_model_dir, tiny_qwen3_vl_dir, tmp_path):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir if family is QWEN2_5_VL else tiny_qwen3_vl_dir)
+    # Square, wide, tall, TextVQA-like, odd sizes, smaller than the model frame (upscaled), and large.
+    sizes = [(150, 150), (1300, 200), (200, 1300), (1024, 681), (333, 777), (640, 480), (97, 61), (4000, 3000)]
+    rows, samples = blank_image_rows(tmp_path, sizes)
+    model = ScriptedModel(processor, samples, write)
+    for max_image_side in (64, 224, 448):
+        settings = ImageSettings.from_processor(processor, max_image_side, family)
         predictions = infer.predict(model, processor, rows, settings, 3, 64, show_progress=False)
         for row, prediction in zip(rows, predictions):
             true_box, (width, height) = samples[row["user"]]
-            # One 0-1000 unit is width / 1000 px; rounding to it costs at most half of that.
-            tolerance = [width / 1000 + 0.5, height / 1000 + 0.5] * 2
+            limits = [tolerance(width), tolerance(height)] * 2
             errors = [abs(p - t) for p, t in zip(prediction["pred_bbox"], true_box)]
-            assert all(e <= t for e, t in zip(errors, tolerance)), (row["image"], max_image_side, errors)
+            assert all(e <= limit for e, limit in zip(errors, limits)), (row["image"], max_image_side, errors)
 
 
 def test_freeze_switches_cover_qwen3_vl_deepstack_projectors(tiny_qwen3_vl_dir):
@@ -88,29 +112,6 @@ def test_freeze_switches_cover_qwen3_vl_deepstack_projectors(tiny_qwen3_vl_dir):
 
 
 # ---------------------------------------------------------------- entry points
-@pytest.fixture(scope="module")
-def data_dir(synthetic_dataset_dir, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("families_data")
-    run_script(
-        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
-        "--type", "test", "--train_range", "8:40", "--test_range", "0:8", "--num_workers", 1,
-    )  # fmt: skip
-    lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
-    (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
-    return data_dir
-
-
-def train(model_dir, train_file, output_dir, *extra_args):
-    run_script(
-        "sft.py", "--config", "configs/tiny_cpu.yaml", "--model_name_or_path", model_dir,
-        "--train_dataset_name", train_file, "--output_dir", output_dir, "--max_image_side", 64,
-        "--per_device_train_batch_size", 4, "--save_strategy", "no", *extra_args,
-        env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    (run_dir,) = glob.glob(f"{output_dir.parent}/*_{output_dir.name}")
-    return run_dir
-
-
 def infer_cli(*args, output_dir, check=True):
     result = run_script(
         "infer.py", *args, "--output_dir", output_dir, "--batch_size", 4, "--max_new_tokens", 40,
@@ -143,17 +144,15 @@ def test_sft_lora_merge_infer_on_qwen3_vl(answering_qwen3_vl, data_dir, tmp_path
     assert all(box and all(0 <= v <= 1000 for v in box) for box in raw_boxes), [p["raw_output"] for p in full]
     assert sum(p["iou"] > 0.5 for p in full[:4]) >= 3, [p["raw_output"] for p in full]
 
-    adapter_dir = train(
-        answering_qwen3_vl, data_dir / "test.jsonl", tmp_path / "lora",
-        "--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj",
-        "--max_steps", 20, "--learning_rate", 1e-2,
-    )  # fmt: skip
+    adapter_dir = train_lora(answering_qwen3_vl, data_dir / "test.jsonl", tmp_path / "lora", max_steps=20)
     merged_dir = tmp_path / "merged"
-    run_script("scripts/merge_model.py", "--base_model", answering_qwen3_vl, "--adapter", adapter_dir, "--output_dir", merged_dir)
+    merge = ["--base_model", answering_qwen3_vl, "--adapter", adapter_dir, "--output_dir", merged_dir]
+    run_script("scripts/merge_model.py", *merge)
     assert AutoModelForImageTextToText.from_pretrained(merged_dir).config.model_type == "qwen3_vl"
     merged = infer_cli("--model_name_or_path", merged_dir, *test_set, output_dir=tmp_path / "merged_eval")
     adapted = infer_cli(
-        "--model_name_or_path", answering_qwen3_vl, "--adapter", adapter_dir, *test_set, output_dir=tmp_path / "lora_eval"
+        "--model_name_or_path", answering_qwen3_vl, "--adapter", adapter_dir, *test_set,
+        output_dir=tmp_path / "lora_eval",
     )
     assert merged == adapted
     assert [p["raw_output"] for p in merged] != [p["raw_output"] for p in full]  # the LoRA changed it
@@ -189,5 +188,6 @@ def test_settings_of_another_family_are_refused_naming_both(tiny_qwen3_vl_dir, t
     result = infer_cli("--model_name_or_path", model_dir, "--test_dataset_name", data_dir / "test.jsonl",
                        output_dir=tmp_path / "out", check=False)  # fmt: skip
     assert result.returncode != 0
-    for named in (f"{model_dir}/{IMAGE_SETTINGS_FILE}", "qwen2_5_vl", "model_frame_pixels", "qwen3_vl", "model_frame_0_1000"):
+    settings_file = f"{model_dir}/{IMAGE_SETTINGS_FILE}"
+    for named in (settings_file, "qwen2_5_vl", "model_frame_pixels", "qwen3_vl", "model_frame_0_1000"):
         assert named in result.stderr, result.stderr

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import infer
-from conftest import REPO_DIR, run_script
+from conftest import REPO_DIR, run_script, train, train_lora
 from model_families import FAMILIES
 from utils import ImageSettings, format_answer, load_sft_jsonl, parse_bbox, read_answer_box
 
@@ -78,81 +78,7 @@ def test_parser_on_real_world_outputs(text, expected):
     assert parse_bbox(text) == expected
 
 
-# ---------------------------------------------------------------- mapping back to original pixels
-class ScriptedModel:
-    """Stands in for the model in the mapping test only. It answers each prompt with the true box in
-    the frame the processor really fed the model (read from image_grid_thw, not from utils), to 4
-    decimals, so any error in mapping back to original pixels shows."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, processor, samples):
-        self.processor = processor
-        self.samples = samples  # query -> (true box in original pixels, original (width, height))
-
-    def generate(self, input_ids, image_grid_thw, **kwargs):
-        tokenizer = self.processor.tokenizer
-        patch = self.processor.image_processor.patch_size
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        answers = []
-        for ids, (_, grid_h, grid_w) in zip(input_ids, image_grid_thw.tolist()):
-            prompt = tokenizer.decode(ids, skip_special_tokens=True)
-            (x1, y1, x2, y2), (width, height) = next(s for query, s in self.samples.items() if query in prompt)
-            scale_x, scale_y = grid_w * patch / width, grid_h * patch / height
-            frame_box = [round(v, 4) for v in (x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y)]
-            answers.append(tokenizer.encode(json.dumps({"bbox_2d": frame_box})) + [end])
-        longest = max(map(len, answers))
-        padded = [answer + [tokenizer.pad_token_id] * (longest - len(answer)) for answer in answers]
-        return torch.cat([input_ids, torch.tensor(padded)], dim=1)
-
-
-def test_predicted_boxes_map_back_to_original_pixels_exactly(processor, tmp_path):
-    # Square, wide, tall, TextVQA-like, odd sizes, and an image smaller than the model frame (upscaled).
-    sizes = [(150, 150), (1300, 200), (200, 1300), (1024, 681), (333, 777), (640, 480), (97, 61)]
-    rows, samples = [], {}
-    for index, (width, height) in enumerate(sizes):
-        path = str(tmp_path / f"{index}.png")
-        Image.new("RGB", (width, height), (200, 200, 200)).save(path)
-        box = [0.13 * width, 0.21 * height, 0.77 * width, 0.9 * height] if index else [0, 0, width, height]
-        query = f"where is object number {index}?"
-        rows.append({"image": [path], "user": query, "assistant": format_answer(box)})
-        samples[query] = (box, (width, height))
-    model = ScriptedModel(processor, samples)
-    for max_image_side in (112, 448):
-        settings = ImageSettings.from_processor(processor, max_image_side, QWEN2_5_VL)
-        predictions = infer.predict(model, processor, rows, settings, 3, 64, show_progress=False)
-        for row, prediction in zip(rows, predictions):
-            true_box = samples[row["user"]][0]
-            assert prediction["pred_bbox"] == pytest.approx(true_box, abs=0.01), (row["image"], max_image_side)
-
-
 # ---------------------------------------------------------------- the CLI on trained models
-@pytest.fixture(scope="module")
-def data_dir(synthetic_dataset_dir, tmp_path_factory):
-    """test.jsonl: 8 converted samples; first4/last4.jsonl: its halves, to train on."""
-    data_dir = tmp_path_factory.mktemp("infer_data")
-    run_script(
-        "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
-        "--type", "test", "--train_range", "8:40", "--test_range", "0:8", "--num_workers", 1,
-    )  # fmt: skip
-    lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
-    (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
-    (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
-    return data_dir
-
-
-def train(model_dir, train_file, output_dir, *extra_args):
-    """sft.py with the tiny CPU recipe at 56 px; returns the run dir (sft.py prefixes the device)."""
-    run_script(
-        "sft.py", "--config", "configs/tiny_cpu.yaml", "--model_name_or_path", model_dir,
-        "--train_dataset_name", train_file, "--output_dir", output_dir, "--max_image_side", 56,
-        "--per_device_train_batch_size", 4, "--save_strategy", "no", *extra_args,
-        env={"OMP_NUM_THREADS": "1"},  # small matrices: one thread is several times faster on a shared CPU
-    )  # fmt: skip
-    (run_dir,) = glob.glob(f"{output_dir.parent}/*_{output_dir.name}")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def answering_model_dir(tiny_model_dir, data_dir, tmp_path_factory):
     """The tiny model fully trained until it answers the first 4 test samples with their boxes
@@ -257,11 +183,7 @@ def test_zero_shot_base_model_counts_parse_failures_and_logs_to_swanlab(tiny_mod
 def test_lora_training_merge_and_base_plus_adapter_predict_the_same(
     single_process_run, answering_model_dir, data_dir, tmp_path
 ):
-    adapter_dir = train(
-        answering_model_dir, data_dir / "last4.jsonl", tmp_path / "lora",
-        "--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj",
-        "--max_steps", 30, "--learning_rate", 1e-2,
-    )  # fmt: skip
+    adapter_dir = train_lora(answering_model_dir, data_dir / "last4.jsonl", tmp_path / "lora", max_steps=30)
     merged_dir = tmp_path / "merged"
     merge = ["--base_model", answering_model_dir, "--adapter", adapter_dir, "--output_dir", merged_dir]
     run_script("scripts/merge_model.py", *merge)
