@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import infer
-import sft
+import training
 from conftest import run_script, train, train_lora
 from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family
 from utils import IMAGE_SETTINGS_FILE, ImageSettings, format_answer, parse_bbox
@@ -106,7 +106,7 @@ def test_predictions_map_back_to_original_pixels(family, write, tolerance, tiny_
 def test_freeze_switches_cover_qwen3_vl_deepstack_projectors(tiny_qwen3_vl_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen3_vl_dir)
     switches = SimpleNamespace(freeze_vision_tower=True, freeze_merger=False, freeze_llm=True)
-    sft.freeze_parts(model, switches, QWEN3_VL)
+    training.freeze_parts(model, switches, QWEN3_VL)
     trainable = {name.split(".")[2] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"merger", "deepstack_merger_list"}
 

@@ -22,7 +22,8 @@ def make_adapter(base_dir, adapter_dir, max_image_side=224):
         if "lora_B" in name:
             parameter.data.normal_(0, 0.1)
     model.save_pretrained(adapter_dir)
-    ImageSettings.from_processor(AutoProcessor.from_pretrained(base_dir), max_image_side, QWEN2_5_VL).save(adapter_dir)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    ImageSettings.from_processor(processor, max_image_side, QWEN2_5_VL).save(adapter_dir)
     return str(adapter_dir)
 
 
