@@ -5,6 +5,7 @@ import pytest
 from transformers import AutoProcessor
 
 from conftest import rows_from_dataset, run_script
+from model_families import FAMILIES
 from utils import ImageSettings, load_image, model_frame_size
 
 
@@ -35,7 +36,7 @@ def test_benchmark_tables_agree_with_independent_counts(tiny_model_dir, tmp_path
     loading = table(output, "Data loading")
     assert [int(row[0]) for row in loading] == [256, 512]
     for side, tokens, patches, rate, consumption, workers in (map(float, row) for row in loading):
-        settings = ImageSettings.from_processor(processor, int(side))
+        settings = ImageSettings.from_processor(processor, int(side), FAMILIES["qwen2_5_vl"])
         frames = [model_frame_size(*size, settings) for size in sizes]
         expected_patches = sum(w * h for w, h in frames) / settings.patch_size**2 / len(frames)
         assert patches == pytest.approx(expected_patches, abs=0.05)

@@ -35,15 +35,6 @@ def tiny(request, tiny_model_dir, tiny_qwen3_vl_dir):
     return FAMILIES[request.param], AutoProcessor.from_pretrained(model_dir), model
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def tiny(request, tiny_model_dir, tiny_qwen3_vl_dir):
-    """(family, processor, model) of each tiny family, detected as sft.py detects it."""
-    model_dir = {"qwen2_5_vl": tiny_model_dir, "qwen3_vl": tiny_qwen3_vl_dir}[request.param]
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    assert model.config.model_type == request.param
-    return FAMILIES[request.param], AutoProcessor.from_pretrained(model_dir), model
-
-
 def test_rows_cover_sizes_and_orientations(collator_rows):
     sizes = [Image.open(row["image"][0]).size for row in collator_rows]
     assert min(min(s) for s in sizes) < 400 and max(max(s) for s in sizes) > 900
