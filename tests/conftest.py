@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model and synthetic data are built once per session by the same
 scripts a user runs, then reused read-only by every test."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,10 @@ import pytest
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
+
+
+ACCELERATE_2 = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
 
 
 def run_script(*args, env=None, check=True, timeout=900, cwd=REPO_DIR):
@@ -74,3 +79,22 @@ def rows_from_dataset(dataset_dir, image_dir, limit=None):
 @pytest.fixture(scope="session")
 def collator_rows(synthetic_dataset_dir, tmp_path_factory):
     return rows_from_dataset(synthetic_dataset_dir, tmp_path_factory.mktemp("collator_images"), limit=12)
+
+
+def infer_command(*args, output_dir, launcher=(sys.executable,), batch_size=3, env=None):
+    """infer.py's command line and environment: one thread per process (as `accelerate launch` sets for CPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [*launcher, "infer.py", *map(str, args), "--output_dir", str(output_dir), "--batch_size", str(batch_size)]
+    return command + ["--max_new_tokens", "24"], env
+
+
+def run_infer(*args, output_dir, launcher=(sys.executable,), batch_size=3, env=None):
+    """infer.py run to completion: (the CompletedProcess, predictions.jsonl's records, metrics.json)."""
+    command, env = infer_command(*args, output_dir=output_dir, launcher=launcher, batch_size=batch_size, env=env)
+    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    with open(os.path.join(output_dir, "predictions.jsonl")) as f:
+        predictions = [json.loads(line) for line in f]
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return result, predictions, metrics
