@@ -11,10 +11,6 @@ of small boxes). From the second row on, each figure shows its change against th
 import argparse
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scoring import format_value  # noqa: E402
 
 COLUMNS = (("Acc@0.5", lambda m: m["acc@0.5"]), ("mean IoU", lambda m: m["mean_iou"]),
            ("small Acc@0.5", lambda m: m["by_size"]["small"]["acc@0.5"]))  # fmt: skip
@@ -39,9 +35,12 @@ def read_results(directories) -> dict[tuple[str, str], dict]:
 
 
 def cell(value, reference, is_first_row) -> str:
-    if is_first_row or value is None or reference is None:
-        return format_value(value)
-    return f"{format_value(value)} ({value - reference:+.4f})"
+    """The figure, and from the second row on its change against the first row's."""
+    if value is None:
+        return "n/a"  # no box of that size in the test set
+    if is_first_row or reference is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} ({value - reference:+.4f})"
 
 
 def comparison_table(results) -> str:
