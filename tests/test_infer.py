@@ -224,7 +224,10 @@ def test_predictions_metrics_and_pictures(single_process_run, data_dir):
     ious = [independent_iou(p["pred_bbox"], p["gt_bbox"]) for p in predictions]
     assert [p["iou"] for p in predictions] == pytest.approx(ious, abs=1e-9)
     expected = independent_metrics([corrupt] + predictions)
+    expected_by_size = expected.pop("by_size")
     assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-9)
+    for name, figures in expected_by_size.items():
+        assert metrics["by_size"][name] == pytest.approx(figures, abs=1e-9), name
     assert metrics["num_samples"] == 8 and metrics["failed_samples"] == 1
     assert sum(size["count"] for size in metrics["by_size"].values()) == 8
     summary = f"| 8 | 1 | {metrics['parse_failures']} | {metrics['acc@0.5']:.4f} | {metrics['acc@0.75']:.4f} |"
