@@ -63,7 +63,7 @@ def parse_args():
     parser.add_argument("--run_name", help="SwanLab experiment name (default: eval-<model dir name>)")
     parser.add_argument(
         "--use_checkpoint_generation_config", action="store_true",
-        help="decode with the checkpoint's generation_config.json (e.g. its repetition_penalty) instead of plain greedy",
+        help="decode with the checkpoint's generation_config.json (e.g. its repetition_penalty), not plain greedy",
     )  # fmt: skip
     return parser.parse_args()
 
@@ -118,16 +118,18 @@ def read_partial_runs(output_dir, fingerprint) -> dict[int, list[dict]]:
             lines = f.read().split("\n")[:-1]  # the last piece is "" or a line the kill cut short
         if not lines:
             continue
-        saved = json.loads(lines[0])["fingerprint"]
+        try:
+            saved = json.loads(lines[0])["fingerprint"]
+            entries = [json.loads(line) for line in lines[1:]]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}: not a partial predictions file ({error}); delete it to start over") from error
         if saved != fingerprint:
             changed = ", ".join(key for key in fingerprint if saved.get(key) != fingerprint[key])
             raise ValueError(
                 f"{path} holds a partial run of another evaluation (changed: {changed}). Use another --output_dir, "
                 f"or delete {os.path.join(output_dir, PARTIAL_PATTERN)} to start this one over."
             )
-        for line in lines[1:]:
-            entry = json.loads(line)
-            done[entry["batch_start"]] = entry["predictions"]
+        done.update((entry["batch_start"], entry["predictions"]) for entry in entries)
     return done
 
 
@@ -294,7 +296,9 @@ def main():
     with state.split_between_processes(todo) as starts, partial:
         for start in tqdm(starts, desc="generating", disable=not state.is_local_main_process):
             batch = rows[start : start + args.batch_size]
-            batch_predictions = predict(model, processor, batch, settings, args.batch_size, args.max_new_tokens, False)
+            batch_predictions = predict(
+                model, processor, batch, settings, args.batch_size, args.max_new_tokens, show_progress=False
+            )
             partial.write(json.dumps({"batch_start": start, "predictions": batch_predictions}) + "\n")
             partial.flush()
     state.wait_for_everyone()

@@ -154,7 +154,9 @@ def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:
             name: summarise([r for r in scored if size_bucket(r["gt_bbox"], r["image_size"]) == name])
             for name in SIZE_BUCKETS
         },
-        "size_buckets": {name: f"{low:g} <= box area / image area < {high:g}" for name, (low, high) in SIZE_BUCKETS.items()},
+        "size_buckets": {
+            name: f"{low:g} <= box area / image area < {high:g}" for name, (low, high) in SIZE_BUCKETS.items()
+        },
     }
     return records, metrics
 

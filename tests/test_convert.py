@@ -272,7 +272,9 @@ def test_refcoco_schema_gives_one_row_per_expression(env, tmp_path):
     run_script("scripts/make_synthetic_data.py", *make)
     parquet = source_dir / "data" / "testA-00000-of-00001.parquet"
     dataset = load_dataset("parquet", data_files=str(parquet), split="train")
-    bad_rows = [{**dataset[0], "answer": []}, {**dataset[1], "answer": ["a cup", " "]}, {**dataset[2], "bbox": [5, 5, 0, 9]}]
+    bad_rows = [
+        {**dataset[0], "answer": []}, {**dataset[1], "answer": ["a cup", " "]}, {**dataset[2], "bbox": [5, 5, 0, 9]},
+    ]  # fmt: skip
     bad_rows = [{**row, "image": {"bytes": png_bytes(row["image"]), "path": None}} for row in bad_rows]
     datasets.concatenate_datasets([dataset, Dataset.from_list(bad_rows, features=dataset.features)]).to_parquet(parquet)
 

@@ -40,7 +40,8 @@ def test_sets(synthetic_dataset_dir, tmp_path_factory):
 
 
 def eval_args(model_dir, test_file):
-    return ["--model_name_or_path", model_dir, "--test_dataset_name", test_file, "--max_image_side", 112, "--num_vis", 2]
+    return ["--model_name_or_path", model_dir, "--test_dataset_name", test_file, "--max_image_side", 112,
+            "--num_vis", 2]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,8 @@ def test_decoding_ignores_the_checkpoints_repetition_penalty_unless_asked(
     args = [*eval_args(penalised, test_sets["textvqa"]), "--limit", 4]
     result, greedy, _ = run_infer(*args, output_dir=tmp_path / "greedy", batch_size=1)
     assert "plain greedy (the checkpoint's repetition_penalty is 5.0)" in result.stdout
-    _, opted_in, _ = run_infer(*args, "--use_checkpoint_generation_config", output_dir=tmp_path / "opted_in", batch_size=1)
+    opt_in = [*args, "--use_checkpoint_generation_config"]
+    _, opted_in, _ = run_infer(*opt_in, output_dir=tmp_path / "opted_in", batch_size=1)
     # The same text as the model whose config has no penalty, token for token; opting in changes it.
     without_penalty = (uninterrupted / "predictions.jsonl").read_text().splitlines(keepends=True)[:4]
     assert (tmp_path / "greedy" / "predictions.jsonl").read_text() == "".join(without_penalty)
@@ -118,11 +120,11 @@ def test_compare_evals_puts_models_and_test_sets_in_one_table(uninterrupted, tin
     table = (tmp_path / "table.md").read_text()
     assert table in result.stdout
     header, _, baseline_row, model_row = (line.strip("|").split(" | ") for line in table.strip().splitlines())
-    assert [cell.strip() for cell in header] == ["model"] + [
-        f"{test_sets[name]} {column}" for name in ("textvqa", "refcoco") for column in ("Acc@0.5", "mean IoU", "small Acc@0.5")
-    ]
+    columns = ("Acc@0.5", "mean IoU", "small Acc@0.5")
+    names = ("textvqa", "refcoco")
+    assert [cell.strip() for cell in header] == ["model"] + [f"{test_sets[n]} {c}" for n in names for c in columns]
     assert baseline_row[0].strip() == "mean box" and model_row[0].strip() == str(tiny_model_dir)
-    for index, name in enumerate(("textvqa", "refcoco")):
+    for index, name in enumerate(names):
         baseline = json.loads((tmp_path / name / "metrics.json").read_text())
         model = json.loads((dirs[2 + index] / "metrics.json").read_text())
         for offset, key in enumerate(("acc@0.5", "mean_iou")):

@@ -121,8 +121,8 @@ def data_dir(synthetic_dataset_dir, tmp_path_factory):
     (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
     (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
     (data_dir / "test" / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    corrupt = json.dumps({"image": ["test/corrupt.jpg"], "query": "where is the red square?", "response": format_answer([1, 2, 30, 40])})
-    (data_dir / "eval.jsonl").write_text("".join(lines[:CORRUPT_LINE] + [corrupt + "\n"] + lines[CORRUPT_LINE:]))
+    corrupt = {"image": ["test/corrupt.jpg"], "query": "where is the red square?", "response": format_answer([1, 2, 30, 40])}
+    (data_dir / "eval.jsonl").write_text("".join(lines[:CORRUPT_LINE] + [json.dumps(corrupt) + "\n"] + lines[CORRUPT_LINE:]))
     return data_dir
 
 
