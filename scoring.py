@@ -62,6 +62,7 @@ def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_p
 
 
 def generate_boxes(model, processor, batch, images, originals, patch_size, max_new_tokens) -> list[dict]:
+    """One generate call for the readable samples of a batch; boxes mapped from the model frame to original pixels."""
     if not batch:
         return []
     prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch]
