@@ -8,10 +8,17 @@
 A base model works too (zero-shot). The prompt and the image resize are training's (utils.py and
 the grounding_image_settings.json saved beside the model); predicted boxes are mapped back to
 original pixels before scoring. OUT receives predictions.jsonl, metrics.json and vis/.
+
+Decoding is plain greedy whatever the checkpoint's generation_config.json says (Qwen2.5-VL's sets
+repetition_penalty 1.05, which penalises the digits a box repeats); --use_checkpoint_generation_config
+opts back in. Finished batches are appended to OUT/predictions.partial.<rank>.jsonl, so a killed run
+started again with the same arguments continues where it stopped.
 """
 
 import argparse
 import dataclasses
+import glob
+import hashlib
 import json
 import math
 import os
@@ -20,26 +27,20 @@ import warnings
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from peft import PeftModel
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from model_families import box_from_answer, check_settings_family, detect_family
+from model_families import check_settings_family, detect_family
+from scoring import evaluate, predict, read_true_boxes, summary_table
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IMAGE_SETTINGS_FILE,
     ImageSettings,
-    box_ious,
-    build_messages,
-    check_processor_kept_frame,
     load_image,
     load_sft_jsonl,
-    parse_bbox,
     processor_dir,
-    read_answer_box,
-    to_model_frame,
     write_json_atomic,
 )
 
@@ -61,7 +62,88 @@ def parse_args():
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--report_to", default="none", choices=["none", "swanlab"])
     parser.add_argument("--run_name", help="SwanLab experiment name (default: eval-<model dir name>)")
+    parser.add_argument(
+        "--use_checkpoint_generation_config", action="store_true",
+        help="decode with the checkpoint's generation_config.json (e.g. its repetition_penalty), not plain greedy",
+    )  # fmt: skip
     return parser.parse_args()
+
+
+def plain_greedy(checkpoint_config: GenerationConfig) -> GenerationConfig:
+    """Greedy decoding with nothing else from the checkpoint but its special tokens: no repetition
+    penalty, no sampling, no beams (generate fills unset values from model.generation_config, so the
+    checkpoint's config is replaced rather than overridden)."""
+    tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return GenerationConfig(do_sample=False, num_beams=1, **{name: getattr(checkpoint_config, name) for name in tokens})
+
+
+# ---------------------------------------------------------------- resuming
+PARTIAL_PATTERN = "predictions.partial.*.jsonl"
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_model(path):
+    """A local model dir as its files' names, sizes and modification times (re-training or replacing
+    it changes them; hashing gigabytes of weights would not pay); a hub id as itself."""
+    if not path or not os.path.isdir(path):
+        return path
+    files = sorted((entry.name, entry.stat()) for entry in os.scandir(path) if entry.is_file())
+    return {"dir": os.path.abspath(path), "files": {name: [stat.st_size, stat.st_mtime_ns] for name, stat in files}}
+
+
+def run_fingerprint(args, settings) -> dict:
+    """Everything that decides the predictions: a partial run is resumed only under the same one."""
+    return {
+        "test_dataset": [os.path.abspath(args.test_dataset_name), file_sha256(args.test_dataset_name)],
+        "model": describe_model(args.model_name_or_path),
+        "adapter": describe_model(args.adapter),
+        "image_settings": dataclasses.asdict(settings),
+        **{name: getattr(args, name) for name in ("limit", "batch_size", "max_new_tokens", "dtype")},
+        "use_checkpoint_generation_config": args.use_checkpoint_generation_config,
+    }
+
+
+def read_partial_runs(output_dir, fingerprint) -> dict[int, list[dict]]:
+    """{batch start: its predictions} from every rank's partial file of an interrupted run. A line cut
+    short by the kill is dropped (that batch runs again); another evaluation's file is refused."""
+    done = {}
+    for path in sorted(glob.glob(os.path.join(output_dir, PARTIAL_PATTERN))):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")[:-1]  # the last piece is "" or a line the kill cut short
+        if not lines:
+            continue
+        try:
+            saved = json.loads(lines[0])["fingerprint"]
+            entries = [json.loads(line) for line in lines[1:]]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}: not a partial predictions file ({error}); delete it to start over") from error
+        if saved != fingerprint:
+            changed = ", ".join(key for key in fingerprint if saved.get(key) != fingerprint[key])
+            raise ValueError(
+                f"{path} holds a partial run of another evaluation (changed: {changed}). Use another --output_dir, "
+                f"or delete {os.path.join(output_dir, PARTIAL_PATTERN)} to start this one over."
+            )
+        done.update((entry["batch_start"], entry["predictions"]) for entry in entries)
+    return done
+
+
+def open_partial_file(output_dir, rank, fingerprint):
+    """This process's partial file for appending, with a line cut short by a kill removed first."""
+    path = os.path.join(output_dir, f"predictions.partial.{rank}.jsonl")
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+    f = open(path, "a", encoding="utf-8")
+    if f.tell() == 0:
+        f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return f
 
 
 def resolve_image_settings(processor, settings_dirs, max_image_side, family) -> ImageSettings:
@@ -87,70 +169,6 @@ def resolve_image_settings(processor, settings_dirs, max_image_side, family) -> 
             f"({os.path.join(directory, IMAGE_SETTINGS_FILE)})"
         )
     return dataclasses.replace(saved, max_image_side=max_image_side)
-
-
-def read_true_boxes(path, rows) -> list[list[float]]:
-    """Every row's true box (original pixels); a missing image or bad answer exits naming the sample."""
-    true_boxes = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{path}: sample {number} ({row['image'][0]})"
-        if not os.path.isfile(row["image"][0]):
-            raise SystemExit(f"{where}: image not found")
-        try:
-            true_boxes.append(read_answer_box(row["assistant"]))
-        except ValueError as error:
-            raise SystemExit(f"{where}: {error}") from error
-    return true_boxes
-
-
-@torch.no_grad()
-def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_progress=True) -> list[dict]:
-    """Greedy generation in batches; returns {"raw_output", "pred_bbox"} per row, boxes in original pixels."""
-    processor.tokenizer.padding_side = "left"  # generation continues from the last position of every row
-    patch_size = processor.image_processor.patch_size
-    predictions = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not show_progress):
-        batch = rows[start : start + batch_size]
-        originals = [load_image(row["image"][0]) for row in batch]
-        images = [to_model_frame(image, settings) for image in originals]
-        prompts = [
-            processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch
-        ]
-        inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt").to(model.device)
-        for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
-            check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, patch_size)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for text, image, original in zip(texts, images, originals):
-            box = parse_bbox(text)
-            box = None if box is None else box_from_answer(box, settings.coordinate_system, image.size, original.size)
-            predictions.append({"raw_output": text, "pred_bbox": box})
-    return predictions
-
-
-def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:
-    """Per-sample records for predictions.jsonl and the metrics; an unparsed answer scores IoU 0."""
-    predicted_boxes = [p["pred_bbox"] for p in predictions]
-    ious = box_ious(predicted_boxes, true_boxes)
-    records = [
-        {
-            "image": row["image"][0],
-            "query": row["user"],
-            "gt_bbox": true_box,
-            "pred_bbox": prediction["pred_bbox"],
-            "iou": iou,
-            "raw_output": prediction["raw_output"],
-        }
-        for row, true_box, prediction, iou in zip(rows, true_boxes, predictions, ious)
-    ]
-    metrics = {
-        "num_samples": len(records),
-        "acc@0.5": sum(iou >= 0.5 for iou in ious) / len(ious),
-        "acc@0.75": sum(iou >= 0.75 for iou in ious) / len(ious),
-        "mean_iou": sum(ious) / len(ious),
-        "parse_failures": sum(box is None for box in predicted_boxes),
-    }
-    return records, metrics
 
 
 def draw_prediction(record) -> Image.Image:
@@ -216,6 +234,21 @@ def save_pictures(records, output_dir, num_vis) -> list[str]:
     return [os.path.join(vis_dir, name) for name in names]
 
 
+def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
+    import swanlab
+
+    name = args.run_name or f"eval-{model_name}"
+    swanlab.init(project=os.getenv("SWANLAB_PROJECT"), name=name, job_type="eval", config=vars(args))
+    scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    for bucket, figures in metrics["by_size"].items():
+        scalars.update({f"{bucket}/{key}": value for key, value in figures.items() if value is not None})
+    swanlab.log({f"eval/{key}": value for key, value in scalars.items() if value is not None})
+    if picture_paths:
+        grid_path = os.path.join(os.path.dirname(picture_paths[0]), "grid.jpg")
+        swanlab.log({"eval/grid": swanlab.Image(grid_path), "eval/samples": [swanlab.Image(p) for p in picture_paths]})
+    swanlab.finish()
+
+
 def write_jsonl_atomic(path, records) -> None:
     tmp_path = f"{path}.tmp"
     with open(tmp_path, "w", encoding="utf-8") as f:
@@ -224,34 +257,16 @@ def write_jsonl_atomic(path, records) -> None:
     os.replace(tmp_path, path)
 
 
-def print_summary(model_name, metrics) -> None:
-    print("\n| model | samples | acc@0.5 | acc@0.75 | mean IoU | parse failures |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| {model_name} | {metrics['num_samples']} | {metrics['acc@0.5']:.4f} | {metrics['acc@0.75']:.4f} "
-        f"| {metrics['mean_iou']:.4f} | {metrics['parse_failures']} |"
-    )
-
-
-def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
-    import swanlab
-
-    name = args.run_name or f"eval-{model_name}"
-    swanlab.init(project=os.getenv("SWANLAB_PROJECT"), name=name, job_type="eval", config=vars(args))
-    swanlab.log({f"eval/{key}": value for key, value in metrics.items()})
-    if picture_paths:
-        grid_path = os.path.join(os.path.dirname(picture_paths[0]), "grid.jpg")
-        swanlab.log({"eval/grid": swanlab.Image(grid_path), "eval/samples": [swanlab.Image(p) for p in picture_paths]})
-    swanlab.finish()
-
-
 def main():
     args = parse_args()
     state = PartialState(cpu=not torch.accelerator.is_available())  # several CPU processes talk over gloo
     rows = load_sft_jsonl(args.test_dataset_name)[: args.limit]
     if not rows:
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
-    true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
+    try:
+        true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from error
 
     settings_dirs = [d for d in (args.adapter, args.model_name_or_path) if d]
     try:
@@ -260,31 +275,58 @@ def main():
         settings = resolve_image_settings(processor, settings_dirs, args.max_image_side, family)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
+    fingerprint = run_fingerprint(args, settings)
+    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        done = read_partial_runs(args.output_dir, fingerprint)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+
     model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+    checkpoint_config = model.generation_config
+    if not args.use_checkpoint_generation_config:
+        model.generation_config = plain_greedy(checkpoint_config)  # before PeftModel, which generates with it
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)
     model.to(state.device).eval()
 
+    # Whole batches go to each process, so every batch (and its padding) is the one a single process would run.
+    batch_starts = list(range(0, len(rows), args.batch_size))
+    todo = [start for start in batch_starts if start not in done]
     if state.is_main_process:
         print(f"{len(rows)} test samples, {state.num_processes} process(es) on {state.device}, {settings}")
-    # Whole batches go to each process, so every batch (and its padding) is the one a single process would run.
-    batch_starts = range(0, len(rows), args.batch_size)
-    with state.split_between_processes(list(batch_starts)) as starts:
-        shard = rows[starts[0] : starts[-1] + args.batch_size] if starts else []
-        shard_predictions = predict(
-            model, processor, shard, settings, args.batch_size, args.max_new_tokens, state.is_local_main_process
-        )
-    predictions = gather_object(shard_predictions)  # in process order = in test-set order
+        decoding = "the checkpoint's generation_config" if args.use_checkpoint_generation_config else "plain greedy"
+        print(f"decoding: {decoding} (the checkpoint's repetition_penalty is {checkpoint_config.repetition_penalty})")
+        if done:
+            print(f"resuming: {len(done)} of {len(batch_starts)} batches already in {args.output_dir}")
+    state.wait_for_everyone()  # every process has read the partial files before any appends to them
+    partial = open_partial_file(args.output_dir, state.process_index, fingerprint)
+    with state.split_between_processes(todo) as starts, partial:
+        for start in tqdm(starts, desc="generating", disable=not state.is_local_main_process):
+            batch = rows[start : start + args.batch_size]
+            batch_predictions = predict(
+                model, processor, batch, settings, args.batch_size, args.max_new_tokens, show_progress=False
+            )
+            partial.write(json.dumps({"batch_start": start, "predictions": batch_predictions}) + "\n")
+            partial.flush()
+    state.wait_for_everyone()
     if not state.is_main_process:
         return
 
+    done = read_partial_runs(args.output_dir, fingerprint)
+    predictions = [prediction for start in batch_starts for prediction in done[start]]
     records, metrics = evaluate(rows, true_boxes, predictions)
-    os.makedirs(args.output_dir, exist_ok=True)
-    picture_paths = save_pictures(records, args.output_dir, args.num_vis)
+    metrics = {"model": args.adapter or args.model_name_or_path, "test_dataset": args.test_dataset_name, **metrics}
+    for record in records:
+        if record["error"]:
+            print(f"warning: {record['image']} not scored: {record['error']}")
+    picture_paths = save_pictures([r for r in records if r["error"] is None], args.output_dir, args.num_vis)
     write_jsonl_atomic(os.path.join(args.output_dir, "predictions.jsonl"), records)
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
+    for path in glob.glob(os.path.join(args.output_dir, PARTIAL_PATTERN)):
+        os.remove(path)  # after the final files exist: a kill before this only repeats the writing
     model_name = os.path.basename(os.path.normpath(args.adapter or args.model_name_or_path))
-    print_summary(model_name, metrics)
+    print("\n" + summary_table(model_name, metrics))
     print(f"predictions, metrics and pictures written to {args.output_dir}")
     if args.report_to == "swanlab":
         log_to_swanlab(args, model_name, metrics, picture_paths)

@@ -1,6 +1,9 @@
-"""Convert TextVQA_GT_bbox into the query/response JSONL that sft.py trains on.
+"""Convert TextVQA_GT_bbox (or a RefCOCO-style grounding set) into the query/response JSONL that
+sft.py trains on and infer.py evaluates.
 
     python scripts/convert2sft_format.py --data_path DIR_OR_ID --save_path data --type all
+    python scripts/convert2sft_format.py --data_path lmms-lab/RefCOCO --split val --query_column answer \
+        --save_path data_refcoco --type test --test_range 0:
 
 writes data/train.jsonl, data/test.jsonl, the images under data/train/ and data/test/, and
 data/skipped_{train,test}.jsonl listing the rows left out. One JSONL line:
@@ -9,8 +12,14 @@ data/skipped_{train,test}.jsonl listing the rows left out. One JSONL line:
 
 Image paths are relative to the JSONL's folder; images are RGB at their original size, named by
 their 0-based dataset row. The box is in original pixels, pixel edges (0 <= x1 < x2 <= width):
-TextVQA stores [x, y, width, height], so x2 = x + width. Corners are rounded outwards (x1, y1
-down, x2, y2 up) so the box never shrinks, then clipped to the image.
+TextVQA stores [x, y, width, height], so x2 = x + width; so does RefCOCO (COCO boxes). Corners are
+rounded outwards (x1, y1 down, x2, y2 up) so the box never shrinks, then clipped to the image.
+
+The query comes from --query_column (TextVQA: question). A list-valued query (RefCOCO's `answer`
+holds the referring expressions of one box) gives one JSONL row per expression, all on the same
+image file. --split names the source split (TextVQA has only train; lmms-lab/RefCOCO has val, test,
+testA, testB); --train_range and --test_range are row ranges of that split. Their defaults
+(0:3000, 3000:3100) suit TextVQA; on a smaller set pass e.g. --test_range 0: (to the end).
 
 --data_path takes: a local dir of parquet shards (Hub layout data/train-*.parquet, or a ModelScope
 download, whose legacy dataset_infos.json is ignored, never edited), a `save_to_disk` dir, a
@@ -48,26 +57,26 @@ def parse_range(text: str) -> tuple[int, int | None]:
     return int(start or 0), int(end) if end else None
 
 
-def load_source(data_path: str, hub: str):
-    """The dataset's one split as a Dataset, from any of the layouts in the module docstring."""
+def load_source(data_path: str, hub: str, split: str):
+    """One split of the dataset as a Dataset, from any of the layouts in the module docstring."""
     if os.path.isdir(data_path):
-        return load_local(data_path)
+        return load_local(data_path, split)
     if os.path.isabs(data_path) or data_path.startswith(".") or data_path.count("/") != 1:
         raise SystemExit(f"--data_path {data_path}: no such directory, and not a dataset id like owner/name")
     if hub == "modelscope":
         from modelscope import dataset_snapshot_download
 
-        return load_local(dataset_snapshot_download(data_path))
-    return load_dataset(data_path, split="train")
+        return load_local(dataset_snapshot_download(data_path), split)
+    return load_dataset(data_path, split=split)
 
 
-def load_local(directory: str):
+def load_local(directory: str, split: str):
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("state.json", "dataset_dict.json")):
         dataset = load_from_disk(directory)
         if isinstance(dataset, dict):  # a saved DatasetDict
-            if "train" not in dataset:
-                raise SystemExit(f"{directory}: saved DatasetDict has splits {list(dataset)}, expected 'train'")
-            dataset = dataset["train"]
+            if split not in dataset:
+                raise SystemExit(f"{directory}: saved DatasetDict has splits {list(dataset)}, not --split {split}")
+            dataset = dataset[split]
         return dataset
     if not glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True):
         raise SystemExit(
@@ -77,16 +86,20 @@ def load_local(directory: str):
     # The parquet builder reads the shards (and their embedded features) directly, so a legacy
     # dataset_infos.json beside them, e.g. the ModelScope uploader's whose Values lack "dtype"
     # (TypeError in load_dataset(dir) as of datasets 5.2), is never read nor touched.
-    return load_dataset("parquet", data_dir=directory, split="train")
+    # Hub shards are named data/{split}-00000-of-00004.parquet, which names any split (testA too).
+    try:
+        return load_dataset("parquet", data_dir=directory, split=split)
+    except ValueError as error:  # "Unknown split ..." names the splits found
+        raise SystemExit(f"{directory}: no --split {split} in the parquet shards: {error}") from None
 
 
 # ---------------------------------------------------------------- one row, in a worker process
-_dataset = _split = _image_dir = _bbox_format = None
+_dataset = _split = _image_dir = _bbox_format = _query_column = None
 
 
-def init_worker(dataset, split, image_dir, bbox_format):
-    global _dataset, _split, _image_dir, _bbox_format
-    _dataset, _split, _image_dir, _bbox_format = dataset, split, image_dir, bbox_format
+def init_worker(dataset, split, image_dir, bbox_format, query_column):
+    global _dataset, _split, _image_dir, _bbox_format, _query_column
+    _dataset, _split, _image_dir, _bbox_format, _query_column = dataset, split, image_dir, bbox_format, query_column
 
 
 def init_pool_worker(*args):
@@ -94,38 +107,41 @@ def init_pool_worker(*args):
     init_worker(*args)
 
 
-def convert_row(index: int) -> tuple[int, dict | None, str | None]:
-    """(index, JSONL record, None) for a good row, (index, None, reason) for a bad one."""
+def convert_row(index: int) -> tuple[int, list[dict], str | None]:
+    """(index, JSONL records, None) for a good row (one record per query), (index, [], reason) for a bad one."""
     row = _dataset[index]
-    question = row["question"]
-    if not isinstance(question, str) or not question.strip():
-        return index, None, f"missing question: {question!r}"
+    question = row[_query_column]
+    queries = question if isinstance(question, list) else [question]
+    if not queries or not all(isinstance(query, str) and query.strip() for query in queries):
+        return index, [], f"missing question: {question!r}"
     if not valid_box_values(row["bbox"]):
-        return index, None, f"bbox is not 4 finite numbers: {row['bbox']!r}"
+        return index, [], f"bbox is not 4 finite numbers: {row['bbox']!r}"
     box = torch.tensor(row["bbox"], dtype=torch.float64)
     if _bbox_format == "xywh":
         box = box_convert(box, "xywh", "xyxy")
     x1, y1, x2, y2 = box.tolist()
     if x2 <= x1 or y2 <= y1:
-        return index, None, f"zero or negative size: bbox {row['bbox']!r} ({_bbox_format})"
+        return index, [], f"zero or negative size: bbox {row['bbox']!r} ({_bbox_format})"
     try:  # the same decoding load_dataset does (EXIF orientation applied), then RGB
         image = Image(mode="RGB").decode_example(row["image"])
     except UnidentifiedImageError:  # its message holds a memory address: keep the reason reproducible
-        return index, None, "unreadable image: not in any format PIL can identify"
+        return index, [], "unreadable image: not in any format PIL can identify"
     except (OSError, ValueError, SyntaxError, DecompressionBombError) as error:  # what PIL raises on bad bytes
-        return index, None, f"unreadable image: {type(error).__name__}: {error}"
+        return index, [], f"unreadable image: {type(error).__name__}: {error}"
     x1, y1, x2, y2 = clip_box([math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)], image.size)
     if x2 <= x1 or y2 <= y1:
         width, height = image.size
-        return index, None, f"bbox {row['bbox']!r} ({_bbox_format}) lies outside the {width}x{height} image"
+        return index, [], f"bbox {row['bbox']!r} ({_bbox_format}) lies outside the {width}x{height} image"
     name = f"{index:06d}.jpg"
     image.save(os.path.join(_image_dir, name), quality=95)
-    record = {"image": [f"{_split}/{name}"], "query": question, "response": format_answer([x1, y1, x2, y2])}
-    return index, record, None
+    response = format_answer([x1, y1, x2, y2])
+    return index, [{"image": [f"{_split}/{name}"], "query": query, "response": response} for query in queries], None
 
 
 # ---------------------------------------------------------------- one split
-def convert_split(dataset, split: str, rows: range, save_path: str, bbox_format: str, num_workers: int) -> None:
+def convert_split(
+    dataset, split: str, rows: range, save_path: str, bbox_format: str, query_column: str, num_workers: int
+) -> None:
     jsonl_path = os.path.join(save_path, f"{split}.jsonl")
     skipped_path = os.path.join(save_path, f"skipped_{split}.jsonl")
     image_dir = os.path.join(save_path, split)
@@ -135,24 +151,26 @@ def convert_split(dataset, split: str, rows: range, save_path: str, bbox_format:
     shutil.rmtree(partial_dir, ignore_errors=True)
     os.makedirs(partial_dir)
 
-    worker_args = (dataset, split, partial_dir, bbox_format)
+    worker_args = (dataset, split, partial_dir, bbox_format, query_column)
     pool = Pool(num_workers, initializer=init_pool_worker, initargs=worker_args) if num_workers > 1 else None
     if pool is None:
         init_worker(*worker_args)
     results = pool.imap(convert_row, rows, chunksize=4) if pool else map(convert_row, rows)
     num_written = num_skipped = 0
+    queries = set()
     try:
         with (
             open(jsonl_path + ".partial", "w", encoding="utf-8") as jsonl,
             open(skipped_path + ".partial", "w", encoding="utf-8") as skipped,
         ):
-            for index, record, reason in tqdm(results, total=len(rows), desc=f"{split} rows {rows.start}:{rows.stop}"):
-                if record is None:
+            for index, records, reason in tqdm(results, total=len(rows), desc=f"{split} rows {rows.start}:{rows.stop}"):
+                if reason is not None:
                     skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
                     num_skipped += 1
-                else:
+                for record in records:
                     jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    num_written += 1
+                    queries.add(record["query"])
+                num_written += len(records)
     finally:
         if pool:
             pool.terminate()
@@ -164,7 +182,12 @@ def convert_split(dataset, split: str, rows: range, save_path: str, bbox_format:
     os.replace(partial_dir, image_dir)
     os.replace(skipped_path + ".partial", skipped_path)
     os.replace(jsonl_path + ".partial", jsonl_path)
-    print(f"{split}: {num_written} rows -> {jsonl_path}; skipped {num_skipped} bad rows (listed in {skipped_path})")
+    if num_written > 1 and len(queries) == 1:  # e.g. RefCOCO's instruction column instead of its expressions
+        print(f"warning: every {split} row has the query {queries.pop()!r}: is --query_column right?", file=sys.stderr)
+    print(
+        f"{split}: {num_written} rows (from {len(rows) - num_skipped} dataset rows) -> {jsonl_path}; "
+        f"skipped {num_skipped} bad rows (listed in {skipped_path})"
+    )
 
 
 def main():
@@ -175,12 +198,14 @@ def main():
     parser.add_argument("--train_range", type=parse_range, default="0:3000", help="dataset rows START:END of train")
     parser.add_argument("--test_range", type=parse_range, default="3000:3100", help="dataset rows START:END of test")
     parser.add_argument("--bbox_format", choices=["xywh", "xyxy"], default="xywh", help="how the source stores bbox")
+    parser.add_argument("--split", default="train", help="the source split to read (RefCOCO: val, test, testA, testB)")
+    parser.add_argument("--query_column", default="question", help="column of the query; a list gives a row per item")
     parser.add_argument("--hub", choices=["huggingface", "modelscope"], default="huggingface", help="for dataset ids")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes saving images")
     args = parser.parse_args()
 
-    dataset = load_source(args.data_path, args.hub)
-    missing = {"image", "question", "bbox"} - set(dataset.column_names)
+    dataset = load_source(args.data_path, args.hub, args.split)
+    missing = {"image", args.query_column, "bbox"} - set(dataset.column_names)
     if missing:
         raise SystemExit(f"{args.data_path}: missing columns {sorted(missing)}; found {dataset.column_names}")
     if isinstance(dataset.features["image"], Image):
@@ -190,7 +215,9 @@ def main():
     for split, (start, end) in (("train", args.train_range), ("test", args.test_range)):
         ranges[split] = range(start, len(dataset) if end is None else end)
     train, test = ranges["train"], ranges["test"]
-    if train.start < test.stop and test.start < train.stop:
+    # Both ranges are rows of one split; a held-out split (RefCOCO val) converted alone is never trained on.
+    same_split_trains = args.type == "all" or args.split == "train"
+    if same_split_trains and train.start < test.stop and test.start < train.stop:
         raise SystemExit(
             f"--train_range {train.start}:{train.stop} overlaps --test_range {test.start}:{test.stop}: "
             "test rows would be trained on. Set both ranges."
@@ -199,14 +226,17 @@ def main():
     for split in splits:
         if not 0 <= ranges[split].start < ranges[split].stop <= len(dataset):
             raise SystemExit(
-                f"--{split}_range {ranges[split].start}:{ranges[split].stop} is not inside the dataset's "
-                f"{len(dataset)} rows"
+                f"--{split}_range {ranges[split].start}:{ranges[split].stop} is not inside the {len(dataset)} rows "
+                f"of split {args.split}: pass --{split}_range START:END with END <= {len(dataset)}, or START: "
+                f"(e.g. 0:) to read to the end"
             )
 
     os.makedirs(args.save_path, exist_ok=True)
     try:
         for split in splits:
-            convert_split(dataset, split, ranges[split], args.save_path, args.bbox_format, args.num_workers)
+            convert_split(
+                dataset, split, ranges[split], args.save_path, args.bbox_format, args.query_column, args.num_workers
+            )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the split in progress left only *.partial files, cleared by a rerun") from None
 

@@ -6,7 +6,12 @@ the real dataset: image, question, answer (list of str), dataset_id (str), bbox 
 [x, y, width, height] floats in original pixels. Written in the Hub layout
 (DIR/data/train-00000-of-00001.parquet) that `datasets.load_dataset(DIR, split="train")` reads.
 
+With --schema refcoco the same images get lmms-lab/RefCOCO's columns instead: question_id, image,
+question (the same instruction on every row), answer (the referring expressions), segmentation,
+bbox (COCO [x, y, width, height]), iscrowd, file_name, in DIR/data/{--split}-00000-of-00001.parquet.
+
     python scripts/make_synthetic_data.py --output_dir data/synthetic_textvqa --num_samples 2000
+    python scripts/make_synthetic_data.py --output_dir data/synthetic_refcoco --schema refcoco --split val
 """
 
 import argparse
@@ -33,6 +38,36 @@ FEATURES = Features(
         "bbox": List(Value("float64")),
     }
 )
+REFCOCO_FEATURES = Features(
+    {
+        "question_id": Value("string"),
+        "image": Image(),
+        "question": Value("string"),
+        "answer": List(Value("string")),
+        "segmentation": List(Value("float32")),
+        "bbox": List(Value("float32")),
+        "iscrowd": Value("int8"),
+        "file_name": Value("string"),
+    }
+)
+# lmms-lab/RefCOCO's question column is an instruction for captioning; the expressions are the answers.
+REFCOCO_QUESTION = "Please carefully observe the area circled in the image and come up with a caption for the area."
+
+
+def to_refcoco(sample: dict) -> dict:
+    """A TextVQA-schema sample in lmms-lab/RefCOCO's columns, with two referring expressions."""
+    color, shape = sample["answer"][0].split(" ")
+    x, y, width, height = sample["bbox"]
+    return {
+        "question_id": sample["dataset_id"],
+        "image": sample["image"],
+        "question": REFCOCO_QUESTION,
+        "answer": [f"{color} {shape}", f"the {shape} that is {color}"],
+        "segmentation": [x, y, x + width, y, x + width, y + height, x, y + height],
+        "bbox": sample["bbox"],
+        "iscrowd": 0,
+        "file_name": f"COCO_synthetic_{int(sample['dataset_id']):012d}.jpg",
+    }
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
@@ -129,16 +164,21 @@ def main():
     parser.add_argument("--min_object", type=float, default=0.15, help="object side as a fraction of the short side")
     parser.add_argument("--max_object", type=float, default=0.4)
     parser.add_argument("--clutter", action="store_true", help="draw random lines on the background")
+    parser.add_argument("--schema", choices=["textvqa", "refcoco"], default="textvqa", help="which dataset's columns")
+    parser.add_argument("--split", default="train", help="the split the parquet file is named after")
     args = parser.parse_args()
     if len(args.colors) * len(args.shapes) < 2:
         parser.error("need at least two colour/shape combinations so distractors can differ from the target")
 
     rng = random.Random(args.seed)
     samples = [make_sample(rng, index, args) for index in tqdm(range(args.num_samples), desc="drawing images")]
-    dataset = Dataset.from_list(samples, features=FEATURES)
+    if args.schema == "refcoco":
+        dataset = Dataset.from_list([to_refcoco(sample) for sample in samples], features=REFCOCO_FEATURES)
+    else:
+        dataset = Dataset.from_list(samples, features=FEATURES)
     os.makedirs(os.path.join(args.output_dir, "data"), exist_ok=True)
-    dataset.to_parquet(os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet"))
-    print(f"{len(dataset)} synthetic TextVQA-schema samples written to {args.output_dir}")
+    dataset.to_parquet(os.path.join(args.output_dir, "data", f"{args.split}-00000-of-00001.parquet"))
+    print(f"{len(dataset)} synthetic {args.schema}-schema samples ({args.split} split) written to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 scripts a user runs, then reused read-only by every test."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,12 @@ import sys
 import pytest
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORRUPT_LINE = 2  # 0-based line of eval.jsonl (the data_dir fixture) whose image cannot be decoded
 sys.path.insert(0, REPO_DIR)
+
+
+ACCELERATE_2 = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
 
 
 def run_script(*args, env=None, check=True, timeout=900, cwd=REPO_DIR):
@@ -86,7 +92,8 @@ def collator_rows(synthetic_dataset_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir(synthetic_dataset_dir, tmp_path_factory):
-    """test.jsonl: 8 converted samples; first4/last4.jsonl: its halves, to train on."""
+    """test.jsonl: 8 converted samples; first4/last4.jsonl: its halves, to train on; eval.jsonl:
+    test.jsonl with a sample whose image file is corrupt inserted at CORRUPT_LINE."""
     data_dir = tmp_path_factory.mktemp("infer_data")
     run_script(
         "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
@@ -95,6 +102,11 @@ def data_dir(synthetic_dataset_dir, tmp_path_factory):
     lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
     (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
     (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
+    from utils import format_answer
+
+    (data_dir / "test" / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    corrupt = {"image": ["test/corrupt.jpg"], "query": "where is the red square?", "response": format_answer([1, 2, 30, 40])}
+    (data_dir / "eval.jsonl").write_text("".join(lines[:CORRUPT_LINE] + [json.dumps(corrupt) + "\n"] + lines[CORRUPT_LINE:]))
     return data_dir
 
 
@@ -114,3 +126,22 @@ def train_lora(base_dir, train_file, output_dir, max_steps):
     """sft.py LoRA (r 8 on the language model's q/v_proj, lr 1e-2) on top of base_dir; returns the adapter dir."""
     lora = ["--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj"]
     return train(base_dir, train_file, output_dir, *lora, "--max_steps", max_steps, "--learning_rate", 1e-2)
+
+
+def infer_command(*args, output_dir, launcher=(sys.executable,), batch_size=3, env=None):
+    """infer.py's command line and environment: one thread per process (as `accelerate launch` sets for CPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [*launcher, "infer.py", *map(str, args), "--output_dir", str(output_dir), "--batch_size", str(batch_size)]
+    return command + ["--max_new_tokens", "24"], env
+
+
+def run_infer(*args, output_dir, launcher=(sys.executable,), batch_size=3, env=None):
+    """infer.py run to completion: (the CompletedProcess, predictions.jsonl's records, metrics.json)."""
+    command, env = infer_command(*args, output_dir=output_dir, launcher=launcher, batch_size=batch_size, env=env)
+    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    with open(os.path.join(output_dir, "predictions.jsonl")) as f:
+        predictions = [json.loads(line) for line in f]
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return result, predictions, metrics

@@ -261,6 +261,45 @@ def test_bad_arguments_fail_with_clear_errors(source, env, tmp_path):
         "--test_range", "40:52", env=env, check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "overlaps --test_range 40:52" in result.stderr
+    # The default ranges on a smaller dataset: the message names the value that works.
+    result = run_script(SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, env=env, check=False)
+    assert result.returncode != 0 and "--train_range 0:3000 is not inside the 52 rows of split train" in result.stderr
+    assert "END <= 52, or START: (e.g. 0:) to read to the end" in result.stderr
     result = run_script(SCRIPT, "--data_path", tmp_path / "missing", "--save_path", tmp_path, env=env, check=False)
     assert result.returncode != 0 and "no such directory" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_refcoco_schema_gives_one_row_per_expression(env, tmp_path):
+    source_dir = tmp_path / "refcoco"
+    make = ["--output_dir", source_dir, "--num_samples", 4, "--seed", 5, "--schema", "refcoco", "--split", "testA"]
+    run_script("scripts/make_synthetic_data.py", *make)
+    parquet = source_dir / "data" / "testA-00000-of-00001.parquet"
+    dataset = load_dataset("parquet", data_files=str(parquet), split="train")
+    bad_rows = [
+        {**dataset[0], "answer": []}, {**dataset[1], "answer": ["a cup", " "]}, {**dataset[2], "bbox": [5, 5, 0, 9]},
+    ]  # fmt: skip
+    bad_rows = [{**row, "image": {"bytes": png_bytes(row["image"]), "path": None}} for row in bad_rows]
+    datasets.concatenate_datasets([dataset, Dataset.from_list(bad_rows, features=dataset.features)]).to_parquet(parquet)
+
+    arguments = ["--data_path", source_dir, "--save_path", tmp_path / "out", "--type", "test", "--split", "testA"]
+    result = run_script(SCRIPT, *arguments, "--query_column", "answer", "--test_range", "0:", env=env)
+    assert "test: 8 rows (from 4 dataset rows)" in result.stdout
+    records = [json.loads(line) for line in open(tmp_path / "out" / "test.jsonl")]
+    expected = []
+    for index, row in enumerate(dataset):
+        x, y, box_w, box_h = row["bbox"]  # COCO [x, y, width, height], whole pixels here
+        box = {"bbox_2d": [int(x), int(y), int(x + box_w), int(y + box_h)]}
+        expected += [([f"test/{index:06d}.jpg"], expression, box) for expression in row["answer"]]
+    assert [(r["image"], r["query"], json.loads(r["response"])) for r in records] == expected
+    assert len({query for _, query, _ in expected}) == 8  # two different expressions per box
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped_test.jsonl")]
+    assert [(s["row"], s["reason"].split(":")[0]) for s in skipped] == [
+        (4, "missing question"), (5, "missing question"), (6, "zero or negative size"),
+    ]  # fmt: skip
+
+    # The instruction column instead of the expressions: converted, but the user is warned.
+    result = run_script(SCRIPT, *arguments, "--test_range", "0:4", env=env)
+    assert "every test row has the query 'Please carefully observe" in result.stderr
+    result = run_script(SCRIPT, *arguments[:-1], "val", "--test_range", "0:", env=env, check=False)
+    assert result.returncode != 0 and "no --split val" in result.stderr and "testA" in result.stderr

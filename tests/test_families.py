@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import infer
+import scoring
 import training
 from conftest import run_script, train, train_lora
 from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family
@@ -95,7 +95,7 @@ def test_predictions_map_back_to_original_pixels(family, write, tolerance, tiny_
     model = ScriptedModel(processor, samples, write)
     for max_image_side in (64, 224, 448):
         settings = ImageSettings.from_processor(processor, max_image_side, family)
-        predictions = infer.predict(model, processor, rows, settings, 3, 64, show_progress=False)
+        predictions = scoring.predict(model, processor, rows, settings, 3, 64, show_progress=False)
         for row, prediction in zip(rows, predictions):
             true_box, (width, height) = samples[row["user"]]
             limits = [tolerance(width), tolerance(height)] * 2

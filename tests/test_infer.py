@@ -1,12 +1,11 @@
-"""infer.py: the parser, the mapping back to original pixels, and the CLI on tiny models trained by
-sft.py (full and LoRA), merged by scripts/merge_model.py, on one process and on two."""
+"""infer.py and scoring.py: the parser, the mapping back to original pixels, and the CLI on tiny
+models trained by sft.py (full and LoRA), merged by scripts/merge_model.py, on one process and on
+two, with a corrupt image in the test set, metrics recomputed here independently."""
 
 import dataclasses
 import glob
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -15,7 +14,8 @@ import torch
 from PIL import Image
 
 import infer
-from conftest import REPO_DIR, run_script, train, train_lora
+import scoring
+from conftest import ACCELERATE_2, CORRUPT_LINE, run_infer, run_script, train, train_lora
 from model_families import FAMILIES
 from utils import ImageSettings, format_answer, load_sft_jsonl, parse_bbox, read_answer_box
 
@@ -90,20 +90,6 @@ def answering_model_dir(tiny_model_dir, data_dir, tmp_path_factory):
     )  # fmt: skip
 
 
-def run_infer(*args, output_dir, launcher=(sys.executable,), env=None):
-    """infer.py, one thread per process (as `accelerate launch` sets for CPU processes)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [*launcher, "infer.py", *map(str, args), "--output_dir", str(output_dir), "--batch_size", "3"]
-    command += ["--max_new_tokens", "24"]
-    result = subprocess.run(command, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    with open(os.path.join(output_dir, "predictions.jsonl")) as f:
-        predictions = [json.loads(line) for line in f]
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        metrics = json.load(f)
-    return result, predictions, metrics
-
-
 def independent_iou(box_a, box_b):
     if box_a is None:
         return 0.0
@@ -115,22 +101,62 @@ def independent_iou(box_a, box_b):
     return intersection / (area_a + area_b - intersection)
 
 
+def independent_figures(samples):
+    """(true box, predicted box, image path) -> the metrics' figures, computed without scoring.py."""
+    ious = [independent_iou(predicted, true) for true, predicted, _ in samples]
+    centres = [
+        predicted is not None and true[0] <= (predicted[0] + predicted[2]) / 2 <= true[2]
+        and true[1] <= (predicted[1] + predicted[3]) / 2 <= true[3]
+        for true, predicted, _ in samples
+    ]  # fmt: skip
+    count = len(samples)
+    figures = {"count": count, "mean_iou": sum(ious) / count if count else None}
+    for threshold in (0.1, 0.3, 0.5, 0.7, 0.75, 0.9):
+        figures[f"acc@{threshold}"] = sum(iou >= threshold for iou in ious) / count if count else None
+    figures["centre_acc"] = sum(centres) / count if count else None
+    return figures
+
+
+def independent_metrics(predictions):
+    scored = [(p["gt_bbox"], p["pred_bbox"], p["image"]) for p in predictions if p["error"] is None]
+    overall = independent_figures(scored)
+    by_size = {"small": [], "medium": [], "large": []}
+    for true, predicted, image in scored:
+        width, height = Image.open(image).size
+        share = (true[2] - true[0]) * (true[3] - true[1]) / (width * height)
+        by_size["small" if share < 0.01 else "medium" if share < 0.1 else "large"].append((true, predicted, image))
+    return {
+        "num_samples": overall.pop("count"), **overall,
+        "parse_failures": sum(predicted is None for _, predicted, _ in scored),
+        "failed_samples": len(predictions) - len(scored),
+        "by_size": {name: independent_figures(samples) for name, samples in by_size.items()},
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def single_process_run(answering_model_dir, data_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("infer_single")
-    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 5]
+    test_set = ["--test_dataset_name", data_dir / "eval.jsonl", "--num_vis", 5]
     return output_dir, *run_infer("--model_name_or_path", answering_model_dir, *test_set, output_dir=output_dir)
 
 
 def test_predictions_metrics_and_pictures(single_process_run, data_dir):
     output_dir, result, predictions, metrics = single_process_run
-    rows = load_sft_jsonl(data_dir / "test.jsonl")
+    rows = load_sft_jsonl(data_dir / "eval.jsonl")
     assert [(p["image"], p["query"]) for p in predictions] == [(row["image"][0], row["user"]) for row in rows]
     assert [p["gt_bbox"] for p in predictions] == [read_answer_box(row["assistant"]) for row in rows]
+    keys = {"image", "query", "gt_bbox", "pred_bbox", "iou", "raw_output", "image_size", "error"}
+    assert all(set(prediction) == keys for prediction in predictions)
+
+    # The corrupt image: recorded with its reason, warned about by name, left out of every figure.
+    corrupt = predictions.pop(CORRUPT_LINE)
+    assert corrupt["image"].endswith("corrupt.jpg") and "cannot read image" in corrupt["error"]
+    assert (corrupt["pred_bbox"], corrupt["iou"], corrupt["raw_output"]) == (None, None, None)
+    assert f"{corrupt['image']} not scored" in result.stdout and corrupt["image"] in result.stderr
     for prediction in predictions:
-        assert set(prediction) == {"image", "query", "gt_bbox", "pred_bbox", "iou", "raw_output"}
+        assert prediction["error"] is None and prediction["image_size"] == list(Image.open(prediction["image"]).size)
         if prediction["pred_bbox"] is not None:  # original pixels: inside the original image
-            width, height = Image.open(prediction["image"]).size
+            width, height = prediction["image_size"]
             x1, y1, x2, y2 = prediction["pred_bbox"]
             assert 0 <= x1 <= width and 0 <= x2 <= width and 0 <= y1 <= height and 0 <= y2 <= height
     parsed = [p for p in predictions if p["pred_bbox"] is not None]
@@ -138,28 +164,61 @@ def test_predictions_metrics_and_pictures(single_process_run, data_dir):
 
     ious = [independent_iou(p["pred_bbox"], p["gt_bbox"]) for p in predictions]
     assert [p["iou"] for p in predictions] == pytest.approx(ious, abs=1e-9)
-    assert metrics["num_samples"] == len(rows) == 8
-    assert metrics["acc@0.5"] == pytest.approx(sum(iou >= 0.5 for iou in ious) / 8)
-    assert metrics["acc@0.75"] == pytest.approx(sum(iou >= 0.75 for iou in ious) / 8)
-    assert metrics["mean_iou"] == pytest.approx(sum(ious) / 8)
-    assert metrics["parse_failures"] == 8 - len(parsed)
-    assert f"| 8 | {metrics['acc@0.5']:.4f} | {metrics['acc@0.75']:.4f} | {metrics['mean_iou']:.4f} |" in result.stdout
+    expected = independent_metrics([corrupt] + predictions)
+    expected_by_size = expected.pop("by_size")
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-9)
+    for name, figures in expected_by_size.items():
+        assert metrics["by_size"][name] == pytest.approx(figures, abs=1e-9), name
+    assert metrics["num_samples"] == 8 and metrics["failed_samples"] == 1
+    assert sum(size["count"] for size in metrics["by_size"].values()) == 8
+    summary = f"| 8 | 1 | {metrics['parse_failures']} | {metrics['acc@0.5']:.4f} | {metrics['acc@0.75']:.4f} |"
+    assert summary in result.stdout
+    assert not glob.glob(str(output_dir / "predictions.partial*"))  # removed once the final files exist
 
     vis_dir = output_dir / "vis"
     assert sorted(os.listdir(vis_dir)) == ["00000.jpg", "00001.jpg", "00002.jpg", "00003.jpg", "00004.jpg", "grid.jpg"]
-    for index in range(5):
+    for index in range(5):  # the corrupt sample is not drawn
         picture = Image.open(vis_dir / f"{index:05d}.jpg")
         original = Image.open(predictions[index]["image"])
         assert picture.width >= original.width and picture.height > original.height  # original size + caption
     assert Image.open(vis_dir / "grid.jpg").size == (infer.GRID_COLUMNS * infer.GRID_CELL, 2 * infer.GRID_CELL)
 
 
+def test_metrics_by_threshold_and_size_on_known_boxes():
+    """scoring.evaluate on hand-made boxes whose figures are known: each size bucket, each threshold."""
+    image_size = [1000, 1000]  # 1% of it is 10,000 px, 10% is 100,000 px
+    cases = [  # (true box, predicted box): IoU, centre inside?
+        ([0, 0, 50, 50], [0, 0, 50, 50]),  # small (0.25%), IoU 1, centre in
+        ([0, 0, 90, 100], [0, 0, 90, 25]),  # small (0.9%), IoU 0.25, centre in
+        ([0, 0, 100, 100], [50, 0, 150, 100]),  # medium (exactly 1%), IoU 1/3, centre on the edge: in
+        ([0, 0, 200, 200], None),  # medium (4%), parse failure
+        ([0, 0, 500, 500], [0, 0, 500, 400]),  # large (25%), IoU 0.8, centre in
+        ([0, 0, 400, 400], [300, 300, 200, 500]),  # large, inverted prediction: IoU 0, centre out
+        ([0, 0, 10, 10], None),  # its image failed: left out
+    ]
+    rows = [{"image": [f"{i}.jpg"], "user": "where?"} for i in range(len(cases))]
+    predictions = [
+        {"raw_output": "", "pred_bbox": predicted, "image_size": image_size, "error": None} for _, predicted in cases
+    ]
+    predictions[-1] = {"raw_output": None, "pred_bbox": None, "image_size": None, "error": "cannot read image"}
+    records, metrics = scoring.evaluate(rows, [true for true, _ in cases], predictions)
+    assert [r["iou"] for r in records] == pytest.approx([1, 0.25, 1 / 3, 0, 0.8, 0, None])
+    assert metrics["num_samples"] == 6 and metrics["failed_samples"] == 1 and metrics["parse_failures"] == 1
+    assert metrics["mean_iou"] == pytest.approx((1 + 0.25 + 1 / 3 + 0.8) / 6)
+    expected_acc = {0.1: 4, 0.3: 3, 0.5: 2, 0.7: 2, 0.75: 2, 0.9: 1}
+    assert {t: metrics[f"acc@{t}"] * 6 for t in expected_acc} == pytest.approx(expected_acc)
+    assert metrics["centre_acc"] == pytest.approx(4 / 6)
+    assert {name: size["count"] for name, size in metrics["by_size"].items()} == {"small": 2, "medium": 2, "large": 2}
+    assert metrics["by_size"]["small"]["acc@0.3"] == 0.5 and metrics["by_size"]["medium"]["acc@0.3"] == 0.5
+    assert metrics["by_size"]["large"]["mean_iou"] == pytest.approx(0.4)
+    empty = scoring.evaluate(rows[-1:], [cases[-1][0]], predictions[-1:])[1]
+    assert empty["num_samples"] == 0 and empty["acc@0.5"] is None and empty["by_size"]["small"]["count"] == 0
+
+
 def test_two_processes_give_the_single_process_result(single_process_run, answering_model_dir, data_dir, tmp_path):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 5]
+    test_set = ["--test_dataset_name", data_dir / "eval.jsonl", "--num_vis", 5]
     model = ["--model_name_or_path", answering_model_dir]
-    result, _, _ = run_infer(*model, *test_set, output_dir=tmp_path, launcher=launcher)
+    result, _, _ = run_infer(*model, *test_set, output_dir=tmp_path, launcher=ACCELERATE_2)
     assert "2 process(es)" in result.stdout
     for name in ("predictions.jsonl", "metrics.json"):
         assert (tmp_path / name).read_bytes() == (single_process_run[0] / name).read_bytes()
@@ -175,7 +234,9 @@ def test_zero_shot_base_model_counts_parse_failures_and_logs_to_swanlab(tiny_mod
     # The untrained model never answers with a box: every sample is a parse failure scored IoU 0, none crashes.
     assert [(p["pred_bbox"], p["iou"]) for p in predictions] == [(None, 0.0)] * 3
     assert all(p["raw_output"] for p in predictions)
-    assert metrics == {"num_samples": 3, "acc@0.5": 0.0, "acc@0.75": 0.0, "mean_iou": 0.0, "parse_failures": 3}
+    assert {key: metrics[key] for key in ("num_samples", "acc@0.5", "acc@0.75", "mean_iou", "parse_failures")} == {
+        "num_samples": 3, "acc@0.5": 0.0, "acc@0.75": 0.0, "mean_iou": 0.0, "parse_failures": 3,
+    }  # fmt: skip
     logged_images = glob.glob(str(swanlab_dir / "run-*" / "media" / "image" / "*"))
     assert len(logged_images) == 4, result.stderr  # 3 pictures and the grid
 
@@ -188,12 +249,12 @@ def test_lora_training_merge_and_base_plus_adapter_predict_the_same(
     merge = ["--base_model", answering_model_dir, "--adapter", adapter_dir, "--output_dir", merged_dir]
     run_script("scripts/merge_model.py", *merge)
 
-    test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 0]
+    test_set = ["--test_dataset_name", data_dir / "eval.jsonl", "--num_vis", 0]
     _, merged, merged_metrics = run_infer("--model_name_or_path", merged_dir, *test_set, output_dir=tmp_path / "eval1")
     _, adapted, adapted_metrics = run_infer(
         "--model_name_or_path", answering_model_dir, "--adapter", adapter_dir, *test_set, output_dir=tmp_path / "eval2"
     )
-    assert merged == adapted and merged_metrics == adapted_metrics
+    assert merged == adapted and {**merged_metrics, "model": None} == {**adapted_metrics, "model": None}
     assert any(p["pred_bbox"] is not None for p in merged)
     assert [p["raw_output"] for p in adapted] != [p["raw_output"] for p in single_process_run[2]]  # LoRA changed it
 

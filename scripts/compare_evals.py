@@ -1,0 +1,83 @@
+"""Put several infer.py (or mean_box_baseline.py) results side by side in one markdown table.
+
+    python scripts/compare_evals.py outputs/eval_base_textvqa outputs/eval_base_refcoco \\
+        outputs/eval_sft_textvqa outputs/eval_sft_refcoco --output outputs/comparison.md
+
+Each DIR holds a metrics.json, which names its model and test set. Models are rows (in the order
+first named), test sets are column groups: Acc@0.5, mean IoU and small-box Acc@0.5 (with the number
+of small boxes). From the second row on, each figure shows its change against the first row's.
+"""
+
+import argparse
+import json
+import os
+
+COLUMNS = (("Acc@0.5", lambda m: m["acc@0.5"]), ("mean IoU", lambda m: m["mean_iou"]),
+           ("small Acc@0.5", lambda m: m["by_size"]["small"]["acc@0.5"]))  # fmt: skip
+
+
+def read_results(directories) -> dict[tuple[str, str], dict]:
+    """{(model, test set): metrics} of every DIR; a missing file or a pair named twice raises ValueError."""
+    results, sources = {}, {}
+    for directory in directories:
+        path = os.path.join(directory, "metrics.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory} an infer.py --output_dir of a finished run?")
+        with open(path) as f:
+            metrics = json.load(f)
+        if "by_size" not in metrics or "model" not in metrics:
+            raise ValueError(f"{path} was written by an older infer.py (no model / by_size keys): evaluate again")
+        key = (metrics["model"], metrics["test_dataset"])
+        if key in results:
+            raise ValueError(f"{path} and {sources[key]} both evaluate {key[0]} on {key[1]}: pass one of them")
+        results[key], sources[key] = metrics, path
+    return results
+
+
+def cell(value, reference, is_first_row) -> str:
+    """The figure, and from the second row on its change against the first row's."""
+    if value is None:
+        return "n/a"  # no box of that size in the test set
+    if is_first_row or reference is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} ({value - reference:+.4f})"
+
+
+def comparison_table(results) -> str:
+    models = list(dict.fromkeys(model for model, _ in results))
+    test_sets = list(dict.fromkeys(test_set for _, test_set in results))
+    header = ["model"] + [f"{test_set} {name}" for test_set in test_sets for name, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row, model in enumerate(models):
+        cells = [model]
+        for test_set in test_sets:
+            metrics, first = results.get((model, test_set)), results.get((models[0], test_set))
+            if metrics is None:
+                cells += ["not run"] * len(COLUMNS)
+                continue
+            for _, value_of in COLUMNS:
+                cells.append(cell(value_of(metrics), None if first is None else value_of(first), row == 0))
+            cells[-1] += f" (n={metrics['by_size']['small']['count']})"  # how many boxes it rests on
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directories", nargs="+", metavar="DIR", help="infer.py --output_dir folders")
+    parser.add_argument("--output", default="comparison.md", help="where the markdown table is written")
+    args = parser.parse_args()
+    try:
+        table = comparison_table(read_results(args.directories))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from error
+    print(table)
+    tmp_path = f"{args.output}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    os.replace(tmp_path, args.output)
+    print(f"\nwritten to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
