@@ -24,22 +24,8 @@ from tqdm import tqdm
 from transformers import AutoProcessor
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
+import training
 from rewards import REWARD_FUNCTIONS, reward_functions
-from training import (
-    ConvertedCheckpointLoading,
-    DataTrainingArguments,
-    LoraArguments,
-    ModelArguments,
-    PREEMPTED_EXIT_CODE,
-    SaveAndStopOnSignal,
-    SaveImageSettings,
-    SFTTrainingArguments,
-    check_config,
-    find_checkpoint,
-    load_model,
-    name_run_dir,
-    swanlab_callbacks,
-)
 from utils import (
     ImageSettings,
     box_to_model_frame,
@@ -64,14 +50,14 @@ class RewardArguments:
 
 
 @dataclass
-class GRPOTrainingArguments(SFTTrainingArguments, GRPOConfig):
+class GRPOTrainingArguments(training.SFTTrainingArguments, GRPOConfig):
     """trl's GRPOConfig plus sft.py's additions (overwrite_output_dir, the tutorial's warmup_ratio)."""
 
     # One --trust_remote_code, the model arguments': main() copies it here for trl's own loading.
     trust_remote_code: bool = field(default=False, init=False)
 
 
-class GroundingGRPOTrainer(ConvertedCheckpointLoading, GRPOTrainer):
+class GroundingGRPOTrainer(training.ConvertedCheckpointLoading, GRPOTrainer):
     """GRPOTrainer whose resume restores a full fine-tune's weights (see training.ConvertedCheckpointLoading)."""
 
 
@@ -82,9 +68,12 @@ def starting_image_settings(model_args, data_args, processor) -> ImageSettings:
         return ImageSettings.from_processor(processor, data_args.max_image_side)
     if saved.max_image_side != data_args.max_image_side:
         logger.warning(
-            "max_image_side %d from %s/grounding_image_settings.json, not the config's %d: GRPO keeps the "
-            "frame the model was trained in", saved.max_image_side, model_args.model_name_or_path, data_args.max_image_side,
-        )  # fmt: skip
+            "max_image_side %d from %s/grounding_image_settings.json, not the config's %d: GRPO keeps the frame "
+            "the model was trained in",
+            saved.max_image_side,
+            model_args.model_name_or_path,
+            data_args.max_image_side,
+        )
     return saved
 
 
@@ -132,10 +121,10 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     """Train; return the exit status (0, or PREEMPTED_EXIT_CODE when a signal stopped the run)."""
     for name in ("grpo", "training"):
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    save_and_stop = SaveAndStopOnSignal()
+    save_and_stop = training.SaveAndStopOnSignal()
     training_args.trust_remote_code = model_args.trust_remote_code
-    name_run_dir(training_args)
-    check_config(data_args, training_args, model_args, lora_args)
+    training.name_run_dir(training_args)
+    training.check_config(data_args, training_args, model_args, lora_args)
     rewards = reward_functions(reward_args.reward_funcs)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
@@ -144,38 +133,28 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
-    last_checkpoint = find_checkpoint(training_args)
-    logger.info("train prompts: %d, eval prompts: %s, %s", len(train_dataset), eval_dataset and len(eval_dataset), image_settings)
+    last_checkpoint = training.find_checkpoint(training_args)
+    logger.info("train prompts: %d, eval prompts: %s", len(train_dataset), eval_dataset and len(eval_dataset))
 
     transformers.set_seed(training_args.seed)
     trainer = GroundingGRPOTrainer(
-        model=load_model(model_args, lora_args),
+        model=training.load_model(model_args, lora_args),
         reward_funcs=rewards,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        callbacks=[SaveImageSettings(image_settings), save_and_stop, *swanlab_callbacks(training_args)],
+        callbacks=[
+            training.SaveImageSettings(image_settings), save_and_stop, *training.swanlab_callbacks(training_args)
+        ],
     )
-    state = trainer.accelerator.state
-    logger.info(
-        "distributed: %s, %d process(es)%s",
-        state.distributed_type.value,
-        state.num_processes,
-        f", ZeRO stage {state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "",
-    )
-    trainer.train(resume_from_checkpoint=last_checkpoint)
-    if save_and_stop.preempted:
-        return PREEMPTED_EXIT_CODE
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        image_settings.save(training_args.output_dir)
-        logger.info("model, processor and image settings saved to %s", training_args.output_dir)
-    return 0
+    return training.train_and_save(trainer, last_checkpoint, image_settings, save_and_stop)
 
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((RewardArguments, DataTrainingArguments, GRPOTrainingArguments, ModelArguments, LoraArguments))
+    parser = TrlParser(
+        (RewardArguments, training.DataTrainingArguments, GRPOTrainingArguments, training.ModelArguments,
+         training.LoraArguments)
+    )  # fmt: skip
     sys.exit(main(*parser.parse_args_and_config()))

@@ -39,5 +39,6 @@ REWARD_FUNCTIONS = {"iou": iou_reward, "format": format_reward}
 def reward_functions(names: list[str]) -> list:
     """The reward functions for the config's `reward_funcs` names; an unknown name lists the valid ones."""
     if not names or any(name not in REWARD_FUNCTIONS for name in names):
-        raise ValueError(f"reward_funcs: {names!r} is not a list of reward names; valid names: {sorted(REWARD_FUNCTIONS)}")
+        valid = sorted(REWARD_FUNCTIONS)
+        raise ValueError(f"reward_funcs: {names!r} is not a list of reward names; valid names: {valid}")
     return [REWARD_FUNCTIONS[name] for name in names]
