@@ -105,6 +105,7 @@ echo "  total                              $(printf '%5d' $SECONDS) s"
 echo
 echo "pictures (green: truth, red: prediction): $EVAL/trained/vis/grid.jpg"
 echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
+[ -z "$GRPO" ] || echo "after GRPO: $EVAL/grpo/{predictions.jsonl,metrics.json}; model: $GRPO_TRAINED"
 cat <<'EOF'
 
 The same pipeline on the real model (Qwen2.5-VL-3B-Instruct, TextVQA_GT_bbox, 8 GPUs):
