@@ -149,3 +149,15 @@ def test_unknown_reward_name_lists_valid_ones(tiny_model_dir, sft_data_dir, tmp_
     expected = "reward_funcs: ['iou', 'giou'] is not a list of reward names; valid names: ['format', 'iou']"
     assert expected in result.stderr
     assert "Loading weights" not in result.stderr
+
+
+def test_settings_the_processor_would_resize_again_are_refused(processor, collator_rows, tmp_path):
+    """Image settings with a smaller min_pixels than the processor's: it would enlarge their 28 px frame again and
+    the boxes would be in the wrong frame, so loading stops and names an image."""
+    row = collator_rows[0]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"image": row["image"], "query": row["user"], "response": row["assistant"]}) + "\n")
+    settings = ImageSettings.from_processor(processor, 28)
+    settings.min_pixels = 28 * 28  # the processor's is 56 * 56
+    with pytest.raises(ValueError, match=f"{row['image'][0]}: the processor resized"):
+        load_prompts(str(jsonl), settings, processor)
