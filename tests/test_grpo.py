@@ -12,7 +12,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import REPO_DIR, run_script
 from grpo import load_prompts
-from test_sft import free_port, sft_data_dir  # noqa: F401 (a fixture: the converter's 16 train, 4 test rows)
+from test_sft import free_port
 from utils import IGNORE_INDEX, ImageSettings, build_messages, read_answer_box
 from vision_datacollator import Qwen2_5VLCollator
 
