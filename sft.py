@@ -22,7 +22,6 @@ from training import (
     DataTrainingArguments,
     LoraArguments,
     ModelArguments,
-    PREEMPTED_EXIT_CODE,
     SaveAndStopOnSignal,
     SaveImageSettings,
     SFTTrainingArguments,
@@ -33,6 +32,7 @@ from training import (
     load_rows,
     name_run_dir,
     swanlab_callbacks,
+    train_and_save,
 )
 from model_families import detect_family
 from vision_datacollator import vision_data_collator_map
@@ -78,23 +78,7 @@ def main(data_args, training_args, model_args, lora_args) -> int:
         processing_class=processor,
         callbacks=[SaveImageSettings(data_collator.image_settings), save_and_stop, *swanlab_callbacks(training_args)],
     )
-    state = trainer.accelerator.state
-    logger.info(
-        "distributed: %s, %d process(es)%s",
-        state.distributed_type.value,
-        state.num_processes,
-        f", ZeRO stage {state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "",
-    )
-    trainer.train(resume_from_checkpoint=last_checkpoint)
-    if save_and_stop.preempted:
-        return PREEMPTED_EXIT_CODE
-    # save_model writes the model (or, with LoRA, the adapter) and the processor; every rank takes part.
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        data_collator.image_settings.save(training_args.output_dir)
-        logger.info("model, processor and image settings saved to %s", training_args.output_dir)
-    return 0
+    return train_and_save(trainer, last_checkpoint, data_collator.image_settings, save_and_stop)
 
 
 if __name__ == "__main__":

@@ -403,3 +403,27 @@ class SaveAndStopOnSignal(TrainerCallback):
                 "preempted: saved %s at step %d of %d; run the same command again to resume (exit status %d)",
                 checkpoint_dir, state.global_step, state.max_steps, PREEMPTED_EXIT_CODE,
             )  # fmt: skip
+
+
+def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> int:
+    """The end every entry point shares: train (resuming from last_checkpoint), then save the model (or LoRA
+    adapter), processor, trainer state and image settings. Returns the exit status: 0, or
+    PREEMPTED_EXIT_CODE when a signal stopped the run after saving a checkpoint."""
+    state = trainer.accelerator.state
+    logger.info(
+        "distributed: %s, %d process(es)%s",
+        state.distributed_type.value,
+        state.num_processes,
+        f", ZeRO stage {state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "",
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    if save_and_stop.preempted:
+        return PREEMPTED_EXIT_CODE
+    # save_model writes the model (or, with LoRA, the adapter) and the processor; every rank takes part.
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        image_settings.save(output_dir)
+        logger.info("model, processor and image settings saved to %s", output_dir)
+    return 0

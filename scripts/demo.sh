@@ -6,6 +6,7 @@
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
+#   bash scripts/demo.sh --grpo             # then GRPO from the SFT model (grpo.py, configs/demo_grpo_tiny_cpu.yaml)
 #
 # --workdir DIR (default: the repo) receives models/, data/ and outputs/ exactly where
 # configs/demo_tiny_cpu.yaml expects them, so `python sft.py --config configs/demo_tiny_cpu.yaml`
@@ -18,6 +19,7 @@ NUM_TEST=200
 MAX_STEPS=""      # empty: the config's max_steps
 WORKDIR=.
 FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
+GRPO=""           # non-empty: continue from the SFT model with GRPO, evaluate it too
 # The demo's data: one named shape per image, a quarter to half of the short side. Distractors make the
 # task harder (see README); flags after -- are appended, so they override these.
 DATA_FLAGS=(--max_distractors 0 --min_object 0.25 --max_object 0.5)
@@ -28,8 +30,9 @@ while [ $# -gt 0 ]; do
         --max_steps) MAX_STEPS="$2"; shift 2 ;;
         --workdir) WORKDIR="$2"; shift 2 ;;
         --family) FAMILY="$2"; shift 2 ;;
+        --grpo) GRPO=1; shift ;;
         --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir --family, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
@@ -44,6 +47,8 @@ esac
 SOURCE="$WORKDIR/data/demo_source"  # the synthetic dataset in TextVQA_GT_bbox's own layout
 DATA="$WORKDIR/data/demo"           # the converter's JSONL + images
 TRAINED="$WORKDIR/outputs/cpu_$RUN"  # sft.py prefixes output_dir's name with the device
+GRPO_RUN="${RUN/demo_tiny/demo_grpo_tiny}"  # demo_grpo_tiny_cpu[_qwen3_vl]
+GRPO_TRAINED="$WORKDIR/outputs/cpu_$GRPO_RUN"
 MAX_IMAGE_SIDE="$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")"
 
 STAGE_TIMES=()
@@ -78,15 +83,24 @@ stage "6/7 train (sft.py --config $CONFIG)" \
 stage "7/7 evaluate the trained model" \
     python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/trained" --max_new_tokens 48
+if [ -n "$GRPO" ]; then
+    stage "+1 GRPO from the SFT model (grpo.py --config configs/demo_grpo_tiny_cpu.yaml)" \
+        python grpo.py --config configs/demo_grpo_tiny_cpu.yaml --model_name_or_path "$TRAINED" \
+        --train_dataset_name "$DATA/train.jsonl" --output_dir "$WORKDIR/outputs/$GRPO_RUN" --overwrite_output_dir true
+    stage "+2 evaluate the GRPO model" \
+        python infer.py --model_name_or_path "$GRPO_TRAINED" --test_dataset_name "$DATA/test.jsonl" \
+        --output_dir "$EVAL/grpo" --max_new_tokens 48
+fi
 
 echo
 echo "==> [demo] results on the $NUM_TEST held-back test images"
-python - "$EVAL" <<'EOF'
+python - "$EVAL" "$GRPO" <<'EOF'
 import json, os, sys
 
 print("| predictor | Acc@0.5 | Acc@0.75 | mean IoU | no box parsed |")
 print("|---|---|---|---|---|")
-for name, folder in (("trained tiny model", "trained"), ("untrained tiny model", "untrained"), ("mean training box", "mean_box")):
+grpo = (("trained tiny model + GRPO", "grpo"),) if sys.argv[2] else ()
+for name, folder in (*grpo, ("trained tiny model", "trained"), ("untrained tiny model", "untrained"), ("mean training box", "mean_box")):
     with open(os.path.join(sys.argv[1], folder, "metrics.json")) as f:
         m = json.load(f)
     print(f"| {name} | {m['acc@0.5']:.3f} | {m['acc@0.75']:.3f} | {m['mean_iou']:.3f} | {m['parse_failures']} |")
@@ -98,6 +112,7 @@ echo "  total                              $(printf '%5d' $SECONDS) s"
 echo
 echo "pictures (green: truth, red: prediction): $EVAL/trained/vis/grid.jpg"
 echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
+[ -z "$GRPO" ] || echo "after GRPO: $EVAL/grpo/{predictions.jsonl,metrics.json}; model: $GRPO_TRAINED"
 cat <<'EOF'
 
 The same pipeline on the real model (Qwen2.5-VL-3B-Instruct, TextVQA_GT_bbox, 8 GPUs):

@@ -11,6 +11,7 @@
 #   GPUS_PER_NODE     processes per node (default: the GPUs nvidia-smi lists)
 #   DEEPSPEED_CONFIG  accelerate config (default configs/deepspeed_bf16_zero2.yaml; or ..._zero3.yaml)
 #   MIXED_PRECISION   overrides the accelerate config's mixed_precision (e.g. no, fp16)
+#   TRAIN_SCRIPT      the entry point to launch (default sft.py; grpo.py for GRPO)
 #
 # Two nodes by hand:
 #   node0$ NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash scripts/sft_multinode.sh configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml
@@ -43,4 +44,4 @@ accelerate launch \
     --num_processes $((NUM_NODES * GPUS_PER_NODE)) \
     --deepspeed_multinode_launcher standard \
     ${MIXED_PRECISION:+--mixed_precision "$MIXED_PRECISION"} \
-    sft.py --config "$CONFIG" "$@"
+    "${TRAIN_SCRIPT:-sft.py}" --config "$CONFIG" "$@"

@@ -1,0 +1,160 @@
+"""GRPO after SFT: trl's GRPOTrainer samples boxes for each training question and reinforces those whose IoU
+with the true box beats the group's mean, in the same prompt and image frame as sft.py.
+
+    python grpo.py --config configs/demo_grpo_tiny_cpu.yaml
+    accelerate launch --config_file configs/deepspeed_bf16_zero2.yaml --num_processes 8 \
+        grpo.py --config configs/GRPO_Qwen2_5-VL-3B-Instruct_vqa.yaml
+
+model_name_or_path is an SFT output dir (full fine-tune), a merged LoRA model (scripts/merge_model.py) or a
+base model. Images are resized here, once, to the frame the starting model was trained in (its
+grounding_image_settings.json; the config's max_image_side for a base model), and the true box (`solution`)
+is scaled to that same frame, exactly as the SFT collator builds its target. The keys are the fields of
+training.py's data, model and LoRA dataclasses, trl's GRPOConfig, and `reward_funcs` below. Run dir,
+resume and SIGTERM handling are sft.py's (see training.py).
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoProcessor
+from trl import GRPOConfig, GRPOTrainer, TrlParser
+
+import training
+from rewards import REWARD_FUNCTIONS, reward_functions
+from utils import (
+    ImageSettings,
+    box_to_model_frame,
+    build_messages,
+    check_processor_kept_frame,
+    load_image,
+    load_sft_jsonl,
+    model_frame_size,
+    read_answer_box,
+    to_model_frame,
+)
+
+logger = logging.getLogger("grpo")
+
+
+@dataclass
+class RewardArguments:
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["iou", "format"],
+        metadata={"help": f"Rewards by name, from {sorted(REWARD_FUNCTIONS)}; weigh them with reward_weights."},
+    )
+
+
+@dataclass
+class GRPOTrainingArguments(training.SFTTrainingArguments, GRPOConfig):
+    """trl's GRPOConfig plus sft.py's additions (overwrite_output_dir, the tutorial's warmup_ratio)."""
+
+    # One --trust_remote_code, the model arguments': main() copies it here for trl's own loading.
+    trust_remote_code: bool = field(default=False, init=False)
+
+
+class GroundingGRPOTrainer(training.ConvertedCheckpointLoading, GRPOTrainer):
+    """GRPOTrainer whose resume restores a full fine-tune's weights (see training.ConvertedCheckpointLoading)."""
+
+
+def starting_image_settings(model_args, data_args, processor) -> ImageSettings:
+    """The frame the starting model was trained in; a base model has none saved, so the config's."""
+    saved = ImageSettings.load(model_args.model_name_or_path)
+    if saved is None:
+        return ImageSettings.from_processor(processor, data_args.max_image_side)
+    if saved.max_image_side != data_args.max_image_side:
+        logger.warning(
+            "max_image_side %d from %s/grounding_image_settings.json, not the config's %d: GRPO keeps the frame "
+            "the model was trained in",
+            saved.max_image_side,
+            model_args.model_name_or_path,
+            data_args.max_image_side,
+        )
+    return saved
+
+
+def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Dataset:
+    """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (utils.build_messages), `image` (decoded
+    when a row is read, already in the model frame) and `solution` (the true box in that frame).
+
+    Every image is opened and every answer parsed now, so bad input stops before the model loads, with
+    each unusable sample named. For each frame size the processor is asked once whether it would resize
+    the image again (it must not: the boxes are in this frame)."""
+    rows = load_sft_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path} holds no samples")
+    samples, problems, frames = [], [], {}
+    for number, row in enumerate(tqdm(rows, desc=f"reading {path}"), start=1):
+        image_path = row["image"][0]
+        try:
+            original_size = load_image(image_path).size
+            box = read_answer_box(row["assistant"])
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(f"sample {number} (image {image_path}): {error}")
+            continue
+        frame = model_frame_size(*original_size, settings)
+        frames.setdefault(frame, image_path)
+        solution = box_to_model_frame(box, original_size, frame)
+        samples.append({"image_path": image_path, "question": row["user"], "solution": solution})
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise ValueError(f"{path}: {len(problems)} of {len(rows)} samples unusable, fix or remove them:\n  {shown}")
+    for frame, image_path in frames.items():
+        grid = processor.image_processor(images=[Image.new("RGB", frame)], return_tensors="pt")["image_grid_thw"][0]
+        check_processor_kept_frame(image_path, frame, grid, settings.patch_size)
+
+    def in_model_frame(batch):
+        return {
+            "prompt": [build_messages(question) for question in batch["question"]],
+            "image": [to_model_frame(load_image(image_path), settings) for image_path in batch["image_path"]],
+            "solution": batch["solution"],
+        }
+
+    return datasets.Dataset.from_list(samples).with_transform(in_model_frame)
+
+
+def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
+    """Train; return the exit status (0, or PREEMPTED_EXIT_CODE when a signal stopped the run)."""
+    for name in ("grpo", "training"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    save_and_stop = training.SaveAndStopOnSignal()
+    training_args.trust_remote_code = model_args.trust_remote_code
+    training.name_run_dir(training_args)
+    training.check_config(data_args, training_args, model_args, lora_args)
+    rewards = reward_functions(reward_args.reward_funcs)
+    processor = AutoProcessor.from_pretrained(
+        model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    image_settings = starting_image_settings(model_args, data_args, processor)
+    train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
+    evaluating = training_args.eval_strategy != "no"
+    eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
+    last_checkpoint = training.find_checkpoint(training_args)
+    logger.info("train prompts: %d, eval prompts: %s", len(train_dataset), eval_dataset and len(eval_dataset))
+
+    transformers.set_seed(training_args.seed)
+    trainer = GroundingGRPOTrainer(
+        model=training.load_model(model_args, lora_args),
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=[
+            training.SaveImageSettings(image_settings), save_and_stop, *training.swanlab_callbacks(training_args)
+        ],
+    )
+    return training.train_and_save(trainer, last_checkpoint, image_settings, save_and_stop)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = TrlParser(
+        (RewardArguments, training.DataTrainingArguments, GRPOTrainingArguments, training.ModelArguments,
+         training.LoraArguments)
+    )  # fmt: skip
+    sys.exit(main(*parser.parse_args_and_config()))
