@@ -25,10 +25,10 @@ from transformers import AutoProcessor
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 import training
+from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
 from rewards import REWARD_FUNCTIONS, reward_functions
 from utils import (
     ImageSettings,
-    box_to_model_frame,
     build_messages,
     check_processor_kept_frame,
     load_image,
@@ -61,11 +61,12 @@ class GroundingGRPOTrainer(training.ConvertedCheckpointLoading, GRPOTrainer):
     """GRPOTrainer whose resume restores a full fine-tune's weights (see training.ConvertedCheckpointLoading)."""
 
 
-def starting_image_settings(model_args, data_args, processor) -> ImageSettings:
+def starting_image_settings(model_args, data_args, processor, family: ModelFamily) -> ImageSettings:
     """The frame the starting model was trained in; a base model has none saved, so the config's."""
     saved = ImageSettings.load(model_args.model_name_or_path)
     if saved is None:
-        return ImageSettings.from_processor(processor, data_args.max_image_side)
+        return ImageSettings.from_processor(processor, data_args.max_image_side, family)
+    check_settings_family(saved, family, model_args.model_name_or_path)
     if saved.max_image_side != data_args.max_image_side:
         logger.warning(
             "max_image_side %d from %s/grounding_image_settings.json, not the config's %d: GRPO keeps the frame "
@@ -79,7 +80,7 @@ def starting_image_settings(model_args, data_args, processor) -> ImageSettings:
 
 def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Dataset:
     """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (utils.build_messages), `image` (decoded
-    when a row is read, already in the model frame) and `solution` (the true box in that frame).
+    when a row is read, already in the model frame) and `solution` (the true box in that frame, in the family's coordinates).
 
     Every image is opened and every answer parsed now, so bad input stops before the model loads, with
     each unusable sample named. For each frame size the processor is asked once whether it would resize
@@ -98,7 +99,7 @@ def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Data
             continue
         frame = model_frame_size(*original_size, settings)
         frames.setdefault(frame, image_path)
-        solution = box_to_model_frame(box, original_size, frame)
+        solution = box_to_answer(box, settings.coordinate_system, original_size, frame)
         samples.append({"image_path": image_path, "question": row["user"], "solution": solution})
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
@@ -126,10 +127,11 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     training.name_run_dir(training_args)
     training.check_config(data_args, training_args, model_args, lora_args)
     rewards = reward_functions(reward_args.reward_funcs)
+    family = detect_family(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
-    image_settings = starting_image_settings(model_args, data_args, processor)
+    image_settings = starting_image_settings(model_args, data_args, processor, family)
     train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
@@ -138,7 +140,7 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
 
     transformers.set_seed(training_args.seed)
     trainer = GroundingGRPOTrainer(
-        model=training.load_model(model_args, lora_args),
+        model=training.load_model(model_args, lora_args, family),
         reward_funcs=rewards,
         args=training_args,
         train_dataset=train_dataset,

@@ -12,9 +12,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import REPO_DIR, run_script
 from grpo import load_prompts
+from model_families import FAMILIES
 from test_sft import free_port
 from utils import IGNORE_INDEX, ImageSettings, build_messages, read_answer_box
-from vision_datacollator import Qwen2_5VLCollator
+from vision_datacollator import GroundingCollator
 
 CONFIG = "configs/demo_grpo_tiny_cpu.yaml"
 ZERO2 = "configs/deepspeed_bf16_zero2.yaml"
@@ -108,7 +109,7 @@ def test_reward_box_is_the_sft_target_box(processor, collator_rows, tmp_path):
         json.dumps({"image": row["image"], "query": row["user"], "response": row["assistant"]}) + "\n"
         for row in collator_rows
     ))  # fmt: skip
-    collator = Qwen2_5VLCollator(processor, max_img_side_length=112)
+    collator = GroundingCollator(processor, max_image_side=112, family=FAMILIES["qwen2_5_vl"])
     prompts = load_prompts(str(jsonl), collator.image_settings, processor)
     patch_size = collator.image_settings.patch_size
     assert len(prompts) == len(collator_rows)
@@ -131,7 +132,7 @@ def test_bad_samples_are_all_named_before_the_model_loads(processor, collator_ro
     ]
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    settings = ImageSettings.from_processor(processor, 112)
+    settings = ImageSettings.from_processor(processor, 112, FAMILIES["qwen2_5_vl"])
     with pytest.raises(ValueError) as error:
         load_prompts(str(jsonl), settings, processor)
     message = str(error.value)
@@ -157,7 +158,7 @@ def test_settings_the_processor_would_resize_again_are_refused(processor, collat
     row = collator_rows[0]
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"image": row["image"], "query": row["user"], "response": row["assistant"]}) + "\n")
-    settings = ImageSettings.from_processor(processor, 28)
+    settings = ImageSettings.from_processor(processor, 28, FAMILIES["qwen2_5_vl"])
     settings.min_pixels = 28 * 28  # the processor's is 56 * 56
     with pytest.raises(ValueError, match=f"{row['image'][0]}: the processor resized"):
         load_prompts(str(jsonl), settings, processor)
