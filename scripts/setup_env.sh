@@ -4,8 +4,9 @@
 set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_DIR="${VENV_DIR:-$REPO_DIR/.venv}"
-STAMP="$VENV_DIR/.installed-requirements"
 WANTED="$(cat "$REPO_DIR/requirements.txt"; echo "$*")"
+# One stamp per set of wants: test.sh (which adds pytest) and demo.sh must not re-install for each other.
+STAMP="$VENV_DIR/.installed-$(printf '%s' "$WANTED" | sha256sum | cut -c1-16)"
 
 if [ ! -x "$VENV_DIR/bin/python" ]; then
     echo "[setup] creating virtual environment in $VENV_DIR"
