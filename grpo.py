@@ -10,7 +10,7 @@ base model. Images are resized here, once, to the frame the starting model was t
 grounding_image_settings.json; the config's max_image_side for a base model), and the true box (`solution`)
 is scaled to that same frame, exactly as the SFT collator builds its target. The keys are the fields of
 training.py's data, model and LoRA dataclasses, trl's GRPOConfig, and `reward_funcs` below. Run dir,
-resume and SIGTERM handling are sft.py's (see training.py).
+resume and SIGTERM handling are sft.py's (training.py, checkpoints.py).
 """
 
 import logging
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import AutoProcessor
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
+import checkpoints
 import training
 from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
 from rewards import REWARD_FUNCTIONS, reward_functions
@@ -57,8 +58,8 @@ class GRPOTrainingArguments(training.SFTTrainingArguments, GRPOConfig):
     trust_remote_code: bool = field(default=False, init=False)
 
 
-class GroundingGRPOTrainer(training.ConvertedCheckpointLoading, GRPOTrainer):
-    """GRPOTrainer whose resume restores a full fine-tune's weights (see training.ConvertedCheckpointLoading)."""
+class GroundingGRPOTrainer(checkpoints.ConvertedCheckpointLoading, GRPOTrainer):
+    """GRPOTrainer whose resume restores a full fine-tune's weights (see checkpoints.ConvertedCheckpointLoading)."""
 
 
 def starting_image_settings(model_args, data_args, processor, family: ModelFamily) -> ImageSettings:
@@ -122,7 +123,7 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     """Train; return the exit status (0, or PREEMPTED_EXIT_CODE when a signal stopped the run)."""
     for name in ("grpo", "training"):
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    save_and_stop = training.SaveAndStopOnSignal()
+    save_and_stop = checkpoints.SaveAndStopOnSignal()
     training_args.trust_remote_code = model_args.trust_remote_code
     training.name_run_dir(training_args)
     training.check_config(data_args, training_args, model_args, lora_args)
@@ -135,7 +136,7 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
-    last_checkpoint = training.find_checkpoint(training_args)
+    last_checkpoint = checkpoints.find_checkpoint(training_args)
     logger.info("train prompts: %d, eval prompts: %s", len(train_dataset), eval_dataset and len(eval_dataset))
 
     transformers.set_seed(training_args.seed)

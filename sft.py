@@ -8,7 +8,7 @@ Every YAML key can be overridden on the command line (`--max_steps 100`). The ke
 of the dataclasses in training.py plus transformers' TrainingArguments. The run is written to
 `<parent of output_dir>/<gpu|cpu>_<name of output_dir>` (the tutorial's naming); an existing run
 there is resumed from its newest complete checkpoint. SIGTERM/SIGINT saves a checkpoint and exits
-with training.PREEMPTED_EXIT_CODE (75); the same command then resumes.
+with checkpoints.PREEMPTED_EXIT_CODE (75); the same command then resumes.
 """
 
 import logging
@@ -18,23 +18,22 @@ import transformers
 from transformers import AutoProcessor
 from trl import TrlParser
 
+from checkpoints import SaveAndStopOnSignal, find_checkpoint
+from model_families import detect_family
 from training import (
     DataTrainingArguments,
     LoraArguments,
     ModelArguments,
-    SaveAndStopOnSignal,
     SaveImageSettings,
     SFTTrainingArguments,
     Trainer,
     check_config,
-    find_checkpoint,
     load_model,
     load_rows,
     name_run_dir,
     swanlab_callbacks,
     train_and_save,
 )
-from model_families import detect_family
 from vision_datacollator import vision_data_collator_map
 
 logger = logging.getLogger("sft")

@@ -1,5 +1,5 @@
 """Preemption and resuming through `python sft.py`, with real signals: SIGTERM saves and exits with
-training.PREEMPTED_EXIT_CODE; after a SIGKILL and a torn newer checkpoint, the relaunch resumes from the newest
+checkpoints.PREEMPTED_EXIT_CODE; after a SIGKILL and a torn newer checkpoint, the relaunch resumes from the newest
 complete one. Each resume is checked on the weights it restored and on the loss curve it continues.
 (The 2-process DeepSpeed ZeRO-2 case is test_sft.py's test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes.)"""
 
@@ -21,7 +21,7 @@ from test_sft import (
     signal_when,
     tiny_args,
 )
-from training import PREEMPTED_EXIT_CODE
+from checkpoints import PREEMPTED_EXIT_CODE
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
 
