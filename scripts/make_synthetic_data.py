@@ -111,6 +111,26 @@ def overlaps(box, others, margin: int = 4) -> bool:
     )
 
 
+def draw_texture(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int, int], background, texture: str) -> None:
+    """Cover the background with `texture` in shades a little darker than it, never a named colour."""
+    width, height = size
+    if texture == "mixed":
+        texture = rng.choice(["plain", "noise", "stripes"])
+    if texture == "noise":  # blotches of a few pixels, so they survive the resize to the model's side
+        cell = max(2, min(width, height) // 40)
+        for y in range(0, height, cell):
+            for x in range(0, width, cell):
+                shade = rng.randint(0, 45)
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(c - shade for c in background))
+    elif texture == "stripes":  # parallel bands at a random angle and period
+        period = rng.randint(max(4, min(width, height) // 30), max(8, min(width, height) // 6))
+        shade = tuple(c - rng.randint(25, 50) for c in background)
+        slope = rng.uniform(-1.5, 1.5)
+        rise = int(slope * width)  # the offsets must cover every row at both ends of each line
+        for offset in range(min(0, -rise) - period, height + max(0, -rise) + period, period):
+            draw.line([(0, offset), (width, offset + slope * width)], fill=shade, width=max(1, period // 2))
+
+
 def make_sample(rng: random.Random, index: int, args) -> dict:
     # Wide range of sizes and aspect ratios so every resize path of the collator is exercised.
     long_side = rng.randint(args.min_side, args.max_side)
@@ -119,6 +139,8 @@ def make_sample(rng: random.Random, index: int, args) -> dict:
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = PILImage.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
+    if args.texture != "plain":
+        draw_texture(draw, rng, (width, height), background, args.texture)
     if args.clutter:  # thin random lines in muted colours, never a named colour
         for _ in range(rng.randint(5, 20)):
             points = [(rng.randint(0, width), rng.randint(0, height)) for _ in range(2)]
@@ -164,6 +186,10 @@ def main():
     parser.add_argument("--min_object", type=float, default=0.15, help="object side as a fraction of the short side")
     parser.add_argument("--max_object", type=float, default=0.4)
     parser.add_argument("--clutter", action="store_true", help="draw random lines on the background")
+    parser.add_argument(
+        "--texture", default="plain", choices=["plain", "noise", "stripes", "mixed"],
+        help="background texture in muted shades; mixed: each image draws plain, noise or stripes",
+    )  # fmt: skip
     parser.add_argument("--schema", choices=["textvqa", "refcoco"], default="textvqa", help="which dataset's columns")
     parser.add_argument("--split", default="train", help="the split the parquet file is named after")
     args = parser.parse_args()
