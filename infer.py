@@ -42,6 +42,7 @@ from utils import (
     load_sft_jsonl,
     processor_dir,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 
 TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 0, 0)
@@ -247,14 +248,6 @@ def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
         grid_path = os.path.join(os.path.dirname(picture_paths[0]), "grid.jpg")
         swanlab.log({"eval/grid": swanlab.Image(grid_path), "eval/samples": [swanlab.Image(p) for p in picture_paths]})
     swanlab.finish()
-
-
-def write_jsonl_atomic(path, records) -> None:
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_path, path)
 
 
 def main():

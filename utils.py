@@ -277,3 +277,11 @@ def write_json_atomic(path: str, value) -> None:
     with open(tmp_path, "w") as f:
         json.dump(value, f, indent=2)
     os.replace(tmp_path, path)
+
+
+def write_jsonl_atomic(path, records) -> None:
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp_path, path)

@@ -17,6 +17,7 @@ CONFIG=configs/demo_tiny_cpu.yaml
 NUM_SAMPLES=3000  # training samples; the test split comes after them
 NUM_TEST=200
 MAX_STEPS=""      # empty: the config's max_steps
+MAX_IMAGE_SIDE="" # empty: the config's max_image_side
 WORKDIR=.
 FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
 GRPO=""           # non-empty: continue from the SFT model with GRPO, evaluate it too
@@ -28,11 +29,12 @@ while [ $# -gt 0 ]; do
         --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
         --num_test) NUM_TEST="$2"; shift 2 ;;
         --max_steps) MAX_STEPS="$2"; shift 2 ;;
+        --max_image_side) MAX_IMAGE_SIDE="$2"; shift 2 ;;
         --workdir) WORKDIR="$2"; shift 2 ;;
         --family) FAMILY="$2"; shift 2 ;;
         --grpo) GRPO=1; shift ;;
         --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
@@ -49,7 +51,7 @@ DATA="$WORKDIR/data/demo"           # the converter's JSONL + images
 TRAINED="$WORKDIR/outputs/cpu_$RUN"  # sft.py prefixes output_dir's name with the device
 GRPO_RUN="${RUN/demo_tiny/demo_grpo_tiny}"  # demo_grpo_tiny_cpu[_qwen3_vl]
 GRPO_TRAINED="$WORKDIR/outputs/cpu_$GRPO_RUN"
-MAX_IMAGE_SIDE="$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")"
+MAX_IMAGE_SIDE="${MAX_IMAGE_SIDE:-$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")}"
 
 STAGE_TIMES=()
 stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
@@ -79,7 +81,7 @@ stage "5/7 baseline: the untrained model" \
 stage "6/7 train (sft.py --config $CONFIG)" \
     python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
     --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/test.jsonl" \
-    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
+    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
 stage "7/7 evaluate the trained model" \
     python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/trained" --max_new_tokens 48
@@ -97,13 +99,19 @@ echo "==> [demo] results on the $NUM_TEST held-back test images"
 python - "$EVAL" "$GRPO" <<'EOF'
 import json, os, sys
 
-print("| predictor | Acc@0.5 | Acc@0.75 | mean IoU | no box parsed |")
-print("|---|---|---|---|---|")
+from utils import SMALL_TARGET_SIDE, acc_by_target_size
+
+print("| predictor | Acc@0.5 | Acc@0.75 | mean IoU | Acc@0.5 small targets (n) | Acc@0.5 larger (n) | no box parsed |")
+print("|---|---|---|---|---|---|---|")
 grpo = (("trained tiny model + GRPO", "grpo"),) if sys.argv[2] else ()
 for name, folder in (*grpo, ("trained tiny model", "trained"), ("untrained tiny model", "untrained"), ("mean training box", "mean_box")):
     with open(os.path.join(sys.argv[1], folder, "metrics.json")) as f:
         m = json.load(f)
-    print(f"| {name} | {m['acc@0.5']:.3f} | {m['acc@0.75']:.3f} | {m['mean_iou']:.3f} | {m['parse_failures']} |")
+    with open(os.path.join(sys.argv[1], folder, "predictions.jsonl")) as f:
+        by_size = acc_by_target_size(map(json.loads, f))
+    cells = " | ".join(f"{acc:.3f} ({n})" if n else "- (0)" for acc, n in by_size.values())
+    print(f"| {name} | {m['acc@0.5']:.3f} | {m['acc@0.75']:.3f} | {m['mean_iou']:.3f} | {cells} | {m['parse_failures']} |")
+print(f"small targets: the true box's longer side is under {SMALL_TARGET_SIDE:.0%} of the image's short side")
 EOF
 echo
 echo "time per stage:"

@@ -111,7 +111,7 @@ def overlaps(box, others, margin: int = 4) -> bool:
     )
 
 
-def draw_texture(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int, int], background, texture: str) -> None:
+def draw_texture(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int, int], background, texture) -> None:
     """Cover the background with `texture` in shades a little darker than it, never a named colour."""
     width, height = size
     if texture == "mixed":

@@ -15,7 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scoring import evaluate, read_true_boxes, summary_table  # noqa: E402
-from utils import load_sft_jsonl, scale_box, write_json_atomic  # noqa: E402
+from utils import load_sft_jsonl, scale_box, write_json_atomic, write_jsonl_atomic  # noqa: E402
 
 MODEL_NAME = "mean box"
 
@@ -53,9 +53,10 @@ def main():
         {"raw_output": "", "pred_bbox": scale_box(mean_box, (1, 1), size), "image_size": list(size), "error": None}
         for size in test_sizes
     ]
-    _, metrics = evaluate(rows, test_boxes, predictions)
+    records, metrics = evaluate(rows, test_boxes, predictions)
     metrics = {"model": MODEL_NAME, "test_dataset": args.test_dataset_name, **metrics}
     os.makedirs(args.output_dir, exist_ok=True)
+    write_jsonl_atomic(os.path.join(args.output_dir, "predictions.jsonl"), records)
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
     print(summary_table(MODEL_NAME, metrics))
 
