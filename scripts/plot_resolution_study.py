@@ -1,0 +1,71 @@
+"""Table and bar chart of scripts/resolution_study.sh: Acc@0.5 by target size at each image side.
+
+    python scripts/plot_resolution_study.py outputs/resolution 112 224 336
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import SMALL_TARGET_SIDE, acc_by_target_size  # noqa: E402
+
+BAR_COLORS = {"small": (214, 96, 77), "larger": (67, 147, 195)}
+
+
+def draw_chart(results: dict[int, dict]) -> Image.Image:
+    """Grouped bars: one group per image side, one bar per target size, Acc@0.5 written on each bar."""
+    width, height, bottom, top, left = 520, 360, 310, 70, 50
+    chart = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(chart)
+    font = ImageFont.load_default(size=14)
+    draw.text((left, 8), f"Acc@0.5 by target size (small: under {SMALL_TARGET_SIDE:.0%} of the short side)", "black", font)
+    draw.line((left, top, left, bottom, width - 10, bottom), "black")
+    for tick in (0.0, 0.5, 1.0):
+        y = bottom - tick * (bottom - top)
+        draw.text((8, y - 7), f"{tick:.1f}", "black", font)
+        draw.line((left - 4, y, left, y), "black")
+    group_width = (width - left - 20) / len(results)
+    for group, (side, by_size) in enumerate(results.items()):
+        x = left + 10 + group * group_width
+        for name, (acc, _count) in by_size.items():
+            bar_height = (acc or 0.0) * (bottom - top)
+            draw.rectangle((x, bottom - bar_height, x + group_width / 2 - 14, bottom), BAR_COLORS[name])
+            draw.text((x + 2, bottom - bar_height - 16), "-" if acc is None else f"{acc:.2f}", "black", font)
+            x += group_width / 2 - 8
+        draw.text((left + 10 + group * group_width + group_width / 4, bottom + 8), f"{side} px", "black", font)
+    for column, (name, color) in enumerate(BAR_COLORS.items()):
+        draw.rectangle((left + column * 90, 30, left + 12 + column * 90, 42), color)
+        draw.text((left + 18 + column * 90, 28), name, "black", font)
+    return chart
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study_dir", help="resolution_study.sh's output folder: one demo workdir per side")
+    parser.add_argument("sides", type=int, nargs="+")
+    args = parser.parse_args()
+
+    results = {}
+    lines = ["| max_image_side | Acc@0.5 | mean IoU | Acc@0.5 small (n) | Acc@0.5 larger (n) |", "|---|---|---|---|---|"]
+    for side in args.sides:
+        eval_dir = os.path.join(args.study_dir, str(side), "outputs", "demo_eval", "trained")
+        with open(os.path.join(eval_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
+            results[side] = acc_by_target_size(map(json.loads, f))
+        cells = " | ".join("-" if acc is None else f"{acc:.3f} ({n})" for acc, n in results[side].values())
+        lines.append(f"| {side} | {metrics['acc@0.5']:.3f} | {metrics['mean_iou']:.3f} | {cells} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    with open(os.path.join(args.study_dir, "table.md"), "w") as f:
+        f.write(table)
+    draw_chart(results).save(os.path.join(args.study_dir, "acc_by_size.png"))
+    print(f"table and chart written to {args.study_dir}/table.md and acc_by_size.png")
+
+
+if __name__ == "__main__":
+    main()
