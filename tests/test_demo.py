@@ -4,9 +4,11 @@ import json
 import os
 import subprocess
 
+import datasets
+import numpy as np
 from PIL import Image
 
-from conftest import REPO_DIR
+from conftest import REPO_DIR, run_script
 from utils import read_answer_box
 
 
@@ -88,3 +90,27 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     assert state["global_step"] == 4
     metrics = json.loads((workdir / "outputs" / "demo_eval" / "trained" / "metrics.json").read_text())
     assert metrics["num_samples"] == 8
+
+
+def test_textured_backgrounds_vary_around_the_target(tmp_path):
+    """--texture noise/stripes really marks the background (a plain one is a single colour), in muted
+    shades: no channel under 150, where every named colour but white has one, so no texture reads as
+    an object."""
+    background_colours = {}
+    for texture in ("plain", "noise", "stripes"):
+        output_dir = tmp_path / texture
+        run_script(
+            "scripts/make_synthetic_data.py", "--output_dir", output_dir, "--num_samples", 4, "--seed", 3,
+            "--texture", texture, "--max_distractors", 0, "--max_object", 0.2,
+        )  # fmt: skip
+        background_colours[texture] = []
+        for sample in datasets.load_dataset(str(output_dir), split="train"):
+            pixels = np.asarray(sample["image"].convert("RGB"))
+            x, y, w, h = map(int, sample["bbox"])
+            outside = np.ones(pixels.shape[:2], dtype=bool)
+            outside[y : y + h, x : x + w] = False
+            background = pixels[outside]
+            background_colours[texture].append(len(np.unique(background, axis=0)))
+            assert background.min() >= 150, (texture, sample["question"], background.min())
+    assert all(count == 1 for count in background_colours["plain"]), background_colours
+    assert all(count > 1 for count in background_colours["noise"] + background_colours["stripes"]), background_colours
