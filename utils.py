@@ -237,14 +237,14 @@ SMALL_TARGET_SIDE = 0.15
 
 
 def acc_by_target_size(records) -> dict[str, tuple[float | None, int]]:
-    """Acc@0.5 and count of the predictions.jsonl records whose true box's longer side is under
+    """Acc@0.5 and count of the scored predictions.jsonl records whose true box's longer side is under
     SMALL_TARGET_SIDE of the image's short side ("small"), and of the others ("larger")."""
     ious = {"small": [], "larger": []}
     for record in records:
-        x1, y1, x2, y2 = record["gt_bbox"]
-        with Image.open(record["image"]) as image:  # reads the header only
-            short_side = min(image.size)
-        ious["small" if max(x2 - x1, y2 - y1) < SMALL_TARGET_SIDE * short_side else "larger"].append(record["iou"])
+        if record["error"] is None:  # a failed image is left out of every score
+            x1, y1, x2, y2 = record["gt_bbox"]
+            small = max(x2 - x1, y2 - y1) < SMALL_TARGET_SIDE * min(record["image_size"])
+            ious["small" if small else "larger"].append(record["iou"])
     return {name: (sum(iou >= 0.5 for iou in v) / len(v) if v else None, len(v)) for name, v in ious.items()}
 
 
