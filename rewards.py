@@ -1,7 +1,8 @@
 """Rewards for GRPO on grounding, in trl's reward-function form: `f(completions, **columns) -> list[float]`.
 
 trl passes each completion as `[{"role": "assistant", "content": text}]` and every other dataset column
-as a keyword argument, one value per completion; here `solution` is the true box in the model frame.
+as a keyword argument, one value per completion; here `solution` is the true box in the model frame, in the
+family's answer coordinates (model_families.box_to_answer), so it compares with the completion as written.
 """
 
 import json
