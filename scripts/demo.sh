@@ -2,7 +2,7 @@
 # The repo's whole job on a laptop CPU, no GPU and no downloads: a tiny Qwen2.5-VL (random weights)
 # learns grounding from synthetic TextVQA-schema images through the real converter, sft.py and infer.py.
 #
-#   bash scripts/demo.sh                    # about 10 minutes on 2 CPU cores
+#   bash scripts/demo.sh                    # about 13 minutes on 2 CPU cores
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
@@ -21,9 +21,10 @@ MAX_IMAGE_SIDE="" # empty: the config's max_image_side
 WORKDIR=.
 FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
 GRPO=""           # non-empty: continue from the SFT model with GRPO, evaluate it too
-# The demo's data: one named shape per image, a quarter to half of the short side. Distractors make the
-# task harder (see README); flags after -- are appended, so they override these.
-DATA_FLAGS=(--max_distractors 0 --min_object 0.25 --max_object 0.5)
+# The demo's data: one named shape per image, its side a tenth to half of the image's short side, drawn
+# uniformly in log scale so that a quarter of the targets are small (under 0.15, as TextVQA's text boxes
+# are). Distractors make the task harder (see README); flags after -- are appended, so they override these.
+DATA_FLAGS=(--max_distractors 0 --min_object 0.1 --max_object 0.5 --sizes log)
 while [ $# -gt 0 ]; do
     case "$1" in
         --num_samples) NUM_SAMPLES="$2"; shift 2 ;;

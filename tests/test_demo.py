@@ -25,7 +25,7 @@ def run_bash_script(script, *flags):
 # The reduced demo: an easier but honest task (one shape in two colours, fixed 112 px images, objects a
 # third to half of the side), small enough to learn positions in a few hundred steps.
 MARGIN = 0.15  # measured (README): margins 0.36-0.47 on 3 data seeds; 0.10 at 56 px, where positions are barely learned
-REDUCED_DEMO_DATA = ["--min_side", 112, "--max_side", 112, "--min_object", 0.3, "--max_object", 0.5,
+REDUCED_DEMO_DATA = ["--min_side", 112, "--max_side", 112, "--min_object", 0.3, "--max_object", 0.5, "--sizes", "uniform",
                      "--shapes", "square", "--colors", "red", "blue"]  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def test_demo_pipeline_at_reduced_size(tmp_path):
     workdir = tmp_path / "demo"
     result = run_bash_script(
         "scripts/demo.sh", "--workdir", workdir, "--num_samples", 1000, "--num_test", 50, "--max_steps", 400,
-        "--", *REDUCED_DEMO_DATA,
+        "--max_image_side", 112, "--", *REDUCED_DEMO_DATA,
     )  # fmt: skip
 
     state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
@@ -114,3 +114,26 @@ def test_textured_backgrounds_vary_around_the_target(tmp_path):
             assert background.min() >= 150, (texture, sample["question"], background.min())
     assert all(count == 1 for count in background_colours["plain"]), background_colours
     assert all(count > 1 for count in background_colours["noise"] + background_colours["stripes"]), background_colours
+
+
+def test_log_sizes_draw_small_objects_as_often_as_any_other_scale(tmp_path):
+    """--sizes log draws the side uniformly in log(side): with 0.1-0.5 of the short side, a quarter of the
+    objects (ln 1.5 / ln 5) are small (under 0.15), against an eighth when drawn uniformly, and none
+    leaves the range."""
+    small_share = {}
+    for sizes in ("uniform", "log"):
+        output_dir = tmp_path / sizes
+        run_script(
+            "scripts/make_synthetic_data.py", "--output_dir", output_dir, "--num_samples", 400, "--seed", 5,
+            "--sizes", sizes, "--max_distractors", 0, "--min_object", 0.1, "--max_object", 0.5,
+            "--shapes", "square", "circle", "--min_side", 150, "--max_side", 300,
+        )  # fmt: skip
+        sides = []
+        for sample in datasets.load_dataset(str(output_dir), split="train"):
+            _, _, width, height = sample["bbox"]
+            short_side = min(sample["image"].size)
+            assert 0.1 * short_side - 1 <= width == height <= 0.5 * short_side, (sizes, sample["bbox"], short_side)
+            sides.append(width / short_side)
+        small_share[sizes] = sum(side < 0.15 for side in sides) / len(sides)
+    # 400 draws: the shares' standard errors are about 0.02
+    assert 0.18 < small_share["log"] < 0.32 and 0.07 < small_share["uniform"] < 0.18, small_share
