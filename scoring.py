@@ -29,6 +29,9 @@ IOU_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.75, 0.9)
 # a 1024x681 photo is 0.4% of it, so "small" (< 1%) holds the text boxes; RefCOCO's people and
 # objects are mostly "medium" (1-10%) and "large" (>= 10%).
 SIZE_BUCKETS = {"small": (0.0, 0.01), "medium": (0.01, 0.1), "large": (0.1, math.inf)}
+# The demo's split by side instead of area: a target is small when its longer side is under this share of
+# the image's short side (TextVQA's text boxes are about a tenth: 64x43 px in a 1024x681 image).
+SMALL_TARGET_SIDE = 0.15
 
 
 @torch.no_grad()
@@ -122,6 +125,18 @@ def summarise(records) -> dict:
         **{f"acc@{threshold}": share([iou >= threshold for iou in ious]) for threshold in IOU_THRESHOLDS},
         "centre_acc": share(hits),
     }
+
+
+def acc_by_target_size(records) -> dict[str, tuple[float | None, int]]:
+    """Acc@0.5 and count of the scored predictions.jsonl records whose true box's longer side is under
+    SMALL_TARGET_SIDE of the image's short side ("small"), and of the others ("larger")."""
+    buckets = {"small": [], "larger": []}
+    for record in records:
+        if record["error"] is None:  # a failed image is left out of every score
+            x1, y1, x2, y2 = record["gt_bbox"]
+            small = max(x2 - x1, y2 - y1) < SMALL_TARGET_SIDE * min(record["image_size"])
+            buckets["small" if small else "larger"].append(record)
+    return {name: (summarise(bucket)["acc@0.5"], len(bucket)) for name, bucket in buckets.items()}
 
 
 def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:

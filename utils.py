@@ -232,22 +232,6 @@ def box_ious(predicted_boxes, true_boxes) -> list[float]:
     return ious
 
 
-# TextVQA's text boxes are about a tenth of the image's short side (64x43 px in a 1024x681 image).
-SMALL_TARGET_SIDE = 0.15
-
-
-def acc_by_target_size(records) -> dict[str, tuple[float | None, int]]:
-    """Acc@0.5 and count of the scored predictions.jsonl records whose true box's longer side is under
-    SMALL_TARGET_SIDE of the image's short side ("small"), and of the others ("larger")."""
-    ious = {"small": [], "larger": []}
-    for record in records:
-        if record["error"] is None:  # a failed image is left out of every score
-            x1, y1, x2, y2 = record["gt_bbox"]
-            small = max(x2 - x1, y2 - y1) < SMALL_TARGET_SIDE * min(record["image_size"])
-            ious["small" if small else "larger"].append(record["iou"])
-    return {name: (sum(iou >= 0.5 for iou in v) / len(v) if v else None, len(v)) for name, v in ious.items()}
-
-
 # ---------------------------------------------------------------- files
 def load_sft_jsonl(path: str) -> list[dict]:
     """Read the converter's JSONL into rows {"image": [abs path], "user": query, "assistant": response}.

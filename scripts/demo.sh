@@ -100,7 +100,7 @@ echo "==> [demo] results on the $NUM_TEST held-back test images"
 python - "$EVAL" "$GRPO" <<'EOF'
 import json, os, sys
 
-from utils import SMALL_TARGET_SIDE, acc_by_target_size
+from scoring import SMALL_TARGET_SIDE, acc_by_target_size
 
 print("| predictor | Acc@0.5 | Acc@0.75 | mean IoU | Acc@0.5 small targets (n) | Acc@0.5 larger (n) | no box parsed |")
 print("|---|---|---|---|---|---|---|")

@@ -11,7 +11,7 @@ import sys
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import SMALL_TARGET_SIDE, acc_by_target_size  # noqa: E402
+from scoring import SMALL_TARGET_SIDE, acc_by_target_size  # noqa: E402
 
 BAR_COLORS = {"small": (214, 96, 77), "larger": (67, 147, 195)}
 
