@@ -272,11 +272,16 @@ def processor_dir(adapter_dir: str | None, base_model: str) -> str:
     return base_model
 
 
-def write_json_atomic(path: str, value) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write through a temporary file and rename it: a reader never sees half a file."""
     tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(value, f, indent=2)
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp_path, path)
+
+
+def write_json_atomic(path: str, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def write_jsonl_atomic(path, records) -> None:

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scoring import SMALL_TARGET_SIDE, acc_by_target_size  # noqa: E402
+from utils import write_text_atomic  # noqa: E402
 
 BAR_COLORS = {"small": (214, 96, 77), "larger": (67, 147, 195)}
 
@@ -61,9 +62,10 @@ def main():
         lines.append(f"| {side} | {metrics['acc@0.5']:.3f} | {metrics['mean_iou']:.3f} | {cells} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    with open(os.path.join(args.study_dir, "table.md"), "w") as f:
-        f.write(table)
-    draw_chart(results).save(os.path.join(args.study_dir, "acc_by_size.png"))
+    write_text_atomic(os.path.join(args.study_dir, "table.md"), table)
+    chart_path = os.path.join(args.study_dir, "acc_by_size.png")
+    draw_chart(results).save(f"{chart_path}.tmp", format="PNG")
+    os.replace(f"{chart_path}.tmp", chart_path)
     print(f"table and chart written to {args.study_dir}/table.md and acc_by_size.png")
 
 
