@@ -17,6 +17,7 @@ CONFIG=configs/demo_tiny_cpu.yaml
 NUM_SAMPLES=3000  # training samples; the test split comes after them
 NUM_TEST=200
 MAX_STEPS=""      # empty: the config's max_steps
+BATCH_SIZE=""     # empty: the config's per_device_train_batch_size
 MAX_IMAGE_SIDE="" # empty: the config's max_image_side
 WORKDIR=.
 FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
@@ -30,12 +31,13 @@ while [ $# -gt 0 ]; do
         --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
         --num_test) NUM_TEST="$2"; shift 2 ;;
         --max_steps) MAX_STEPS="$2"; shift 2 ;;
+        --batch_size) BATCH_SIZE="$2"; shift 2 ;;
         --max_image_side) MAX_IMAGE_SIDE="$2"; shift 2 ;;
         --workdir) WORKDIR="$2"; shift 2 ;;
         --family) FAMILY="$2"; shift 2 ;;
         --grpo) GRPO=1; shift ;;
         --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --batch_size --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
@@ -82,7 +84,8 @@ stage "5/7 baseline: the untrained model" \
 stage "6/7 train (sft.py --config $CONFIG)" \
     python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
     --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/test.jsonl" \
-    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"}
+    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"} \
+    ${BATCH_SIZE:+--per_device_train_batch_size "$BATCH_SIZE"}
 stage "7/7 evaluate the trained model" \
     python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/trained" --max_new_tokens 48

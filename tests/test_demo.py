@@ -65,8 +65,9 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     trains and is scored on it, and the table splits the test images by target size."""
     workdir = tmp_path / "generalisation"
     result = run_bash_script(
-        "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--max_steps", 4
-    )
+        "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--max_steps", 4,
+        "--batch_size", 4,
+    )  # fmt: skip
 
     data_dir = workdir / "data" / "demo"
     object_sides = []  # the longer side of each true box, as a fraction of its image's short side
@@ -87,7 +88,7 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     assert small_cell.strip().endswith(f"({num_small})"), trained_row
     assert larger_cell.strip().endswith(f"({8 - num_small})"), trained_row
     state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    assert (state["global_step"], state["train_batch_size"]) == (4, 4)  # demo.sh's flags override the config's
     metrics = json.loads((workdir / "outputs" / "demo_eval" / "trained" / "metrics.json").read_text())
     assert metrics["num_samples"] == 8
 
