@@ -2,7 +2,7 @@
 # The repo's whole job on a laptop CPU, no GPU and no downloads: a tiny Qwen2.5-VL (random weights)
 # learns grounding from synthetic TextVQA-schema images through the real converter, sft.py and infer.py.
 #
-#   bash scripts/demo.sh                    # about 13 minutes on 2 CPU cores
+#   bash scripts/demo.sh                    # about 15 minutes on 2 CPU cores
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
