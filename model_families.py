@@ -9,6 +9,7 @@ A family is detected from the model's config.json `model_type`. It decides:
 Patch and merge sizes are not stored here: they are read from the processor (ImageSettings).
 """
 
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -72,6 +73,26 @@ def detect_family(model_name_or_path: str) -> ModelFamily:
     """The family of a model dir or Hub id, from its config.json `model_type`."""
     config, _ = PretrainedConfig.get_config_dict(model_name_or_path)
     return family_by_type(config.get("model_type"), f"{model_name_or_path} (config.json)")
+
+
+# For a processor built in memory (no config.json beside it). Qwen3VLProcessor also serves qwen3_vl_moe, whose
+# answers and rope index are Qwen3-VL's.
+FAMILY_OF_PROCESSOR_CLASS = {"Qwen2_5_VLProcessor": "qwen2_5_vl", "Qwen3VLProcessor": "qwen3_vl"}
+
+
+def family_of_processor(processor) -> ModelFamily:
+    """The family of the model a processor belongs to: the config.json in the folder it was loaded from, else
+    its class (the tutorial's collator call passes only a processor)."""
+    source_dir = processor.tokenizer.name_or_path
+    if source_dir and os.path.isfile(os.path.join(source_dir, "config.json")):
+        return detect_family(source_dir)
+    processor_class = type(processor).__name__
+    if processor_class in FAMILY_OF_PROCESSOR_CLASS:
+        return FAMILIES[FAMILY_OF_PROCESSOR_CLASS[processor_class]]
+    raise ValueError(
+        f"cannot tell the model family of a {processor_class} without a config.json beside it: "
+        "pass family=model_families.detect_family(MODEL_DIR)"
+    )
 
 
 def check_settings_family(settings, family: ModelFamily, settings_dir: str) -> None:

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from model_families import box_to_answer
+from model_families import box_to_answer, family_of_processor
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IGNORE_INDEX,
@@ -29,7 +29,8 @@ TOO_LONG_ACTIONS = ("drop", "raise")
 
 
 class GroundingCollator:
-    """family: a model_families.ModelFamily (detect_family(model dir)).
+    """family: a model_families.ModelFamily (detect_family(model dir)); when not given, it is found from the
+    processor (model_families.family_of_processor), so the tutorial's three-argument call still works.
     padding: "max_length" (every row padded to max_seq_length, the tutorial's), "longest" (pad to
     the longest row of the batch) or "packed" (one row, no padding; position ids in the (4, 1, L)
     form that transformers reads as packed, so attention never crosses samples).
@@ -47,7 +48,7 @@ class GroundingCollator:
         too_long="drop",
         max_img_side_length=None,
         *,
-        family,
+        family=None,
     ):
         if max_img_side_length is not None:
             if max_image_side not in (DEFAULT_MAX_IMAGE_SIDE, max_img_side_length):
@@ -57,6 +58,7 @@ class GroundingCollator:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         if too_long not in TOO_LONG_ACTIONS:
             raise ValueError(f"too_long must be one of {TOO_LONG_ACTIONS}, got {too_long!r}")
+        family = family or family_of_processor(processor)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_seq_length = max_seq_length
@@ -163,5 +165,6 @@ class GroundingCollator:
         }
 
 
-# "Qwen2_5VLCollator" is the tutorial's name for it; its YAML files name it so.
-vision_data_collator_map = {"GroundingCollator": GroundingCollator, "Qwen2_5VLCollator": GroundingCollator}
+# The tutorial's name for it: its sft.py imports it, and its YAML files select it by this name.
+Qwen2_5VLCollator = GroundingCollator
+vision_data_collator_map = {"GroundingCollator": GroundingCollator, "Qwen2_5VLCollator": Qwen2_5VLCollator}

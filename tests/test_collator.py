@@ -271,3 +271,26 @@ def test_defaults_keep_a_textvqa_sized_sample_and_the_tutorial_name_still_works(
     assert tutorial.image_settings.max_image_side == 448
     with pytest.raises(ValueError, match="give one"):
         qwen2_5_vl_collator(processor, max_image_side=336, max_img_side_length=448)
+
+
+def test_tutorial_construction_lines_build_the_family_collator(tiny, collator_rows, tmp_path):
+    """The tutorial's sft.py imports Qwen2_5VLCollator, or looks its YAML name up in the map, and passes
+    processor, max_seq_length and max_img_side_length only: the family comes from the processor, whether it
+    was loaded from the model folder (config.json beside it) or from a folder holding only processor files."""
+    from vision_datacollator import Qwen2_5VLCollator, vision_data_collator_map
+
+    family, processor, _ = tiny
+    processor.save_pretrained(tmp_path)
+    processor_alone = AutoProcessor.from_pretrained(tmp_path)
+    rows = collator_rows[:4]
+    expected = GroundingCollator(processor, max_seq_length=2048, max_image_side=448, family=family)(rows)
+    for tutorial_processor in (processor, processor_alone):
+        data_collator = Qwen2_5VLCollator(processor=tutorial_processor, max_seq_length=2048, max_img_side_length=448)
+        from_map = vision_data_collator_map["Qwen2_5VLCollator"](
+            processor=tutorial_processor, max_seq_length=2048, max_img_side_length=448
+        )
+        for collator in (data_collator, from_map):
+            assert collator.image_settings.coordinate_system == family.coordinate_system
+            batch = collator(rows)
+            assert batch.keys() == expected.keys()
+            assert all(torch.equal(batch[key], expected[key]) for key in expected if key != "use_cache")
