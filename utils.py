@@ -99,9 +99,16 @@ def _json_candidates(text: str):
                 continue
 
 
+def _numbers_from_strings(values):
+    """["1", "2", "3", "4"] -> [1.0, 2.0, 3.0, 4.0], as some models quote coordinates; anything else unchanged."""
+    if not isinstance(values, list) or not all(isinstance(v, str) and re.fullmatch(_NUMBER, v.strip()) for v in values):
+        return values
+    return [float(v) for v in values]
+
+
 def _find_bbox_2d(value):
     if isinstance(value, dict):
-        box = value.get("bbox_2d")
+        box = _numbers_from_strings(value.get("bbox_2d"))
         return [float(v) for v in box] if valid_box_values(box) else None
     if isinstance(value, list):
         for item in value:
@@ -211,8 +218,19 @@ def clip_box(box, size: tuple[int, int]) -> list[float]:
 
 
 def box_to_model_frame(box, original_size, model_size) -> list[int]:
-    """Training target: the original-pixel box in the model frame, rounded to whole pixels."""
-    return [int(round(v)) for v in clip_box(scale_box(box, original_size, model_size), model_size)]
+    """Training target: the original-pixel box in the model frame, rounded to whole units. A box that rounds to
+    zero width or height (1 px of a 4000 px image) is kept one unit wide: an empty box is no target."""
+    x1, y1, x2, y2 = (int(round(v)) for v in clip_box(scale_box(box, original_size, model_size), model_size))
+    x1, x2 = _at_least_one_unit(x1, x2, model_size[0])
+    y1, y2 = _at_least_one_unit(y1, y2, model_size[1])
+    return [x1, y1, x2, y2]
+
+
+def _at_least_one_unit(low: int, high: int, side: int) -> tuple[int, int]:
+    if high != low:
+        return low, high
+    low = min(low, side - 1)
+    return low, low + 1
 
 
 def box_to_original_frame(box, model_size, original_size) -> list[float]:

@@ -294,3 +294,21 @@ def test_tutorial_construction_lines_build_the_family_collator(tiny, collator_ro
             batch = collator(rows)
             assert batch.keys() == expected.keys()
             assert all(torch.equal(batch[key], expected[key]) for key in expected if key != "use_cache")
+
+
+@pytest.mark.parametrize("box", [[2000, 10, 2001, 60], [3999, 10, 4000, 60], [0, 50, 400, 50.04]])
+def test_box_that_rounds_to_zero_size_is_learned_one_unit_wide(tiny, tmp_path, box):
+    """A 1 px box of a 4000 px wide image is a fraction of a unit in the model frame (and in 0-1000): it must
+    not become an empty box, also at the image's edge."""
+    family, processor, _ = tiny
+    image_path = str(tmp_path / "wide.png")
+    Image.new("RGB", (4000, 100), "white").save(image_path)
+    row = {"image": [image_path], "user": "where is the line?", "assistant": json.dumps({"bbox_2d": box})}
+    batch = GroundingCollator(processor, max_img_side_length=224, family=family)([row])
+    labels = batch["labels"][0]
+    x1, y1, x2, y2 = read_answer_box(processor.tokenizer.decode(labels[labels != IGNORE_INDEX][:-1]))
+    _, grid_h, grid_w = batch["image_grid_thw"][0].tolist()
+    patch = processor.image_processor.patch_size
+    frame = (1000, 1000) if family.coordinate_system == MODEL_FRAME_0_1000 else (grid_w * patch, grid_h * patch)
+    assert 0 <= x1 < x2 <= frame[0] and 0 <= y1 < y2 <= frame[1]
+    assert min(x2 - x1, y2 - y1) == 1

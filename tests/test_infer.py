@@ -62,7 +62,10 @@ PARSER_TABLE = [
     ("I cannot find it in the image.", None),
     ('{"bbox_2d": [1, 2, 3]}', None),
     ("[1, 2, 3, 4, 5]", None),
-    ('{"bbox_2d": ["1", "2", "3", "4"]}', None),
+    ('{"bbox_2d": ["1", "2", "3", "4"]}', [1, 2, 3, 4]),  # quoted numbers
+    ('{"bbox_2d": [" 1.5", "2", "3", "4"]}', [1.5, 2, 3, 4]),
+    ('{"bbox_2d": ["1", "two", "3", "4"]}', None),
+    ('{"bbox_2d": ["nan", "2", "3", "4"]}', None),
     ('{"bbox_2d": [true, 2, 3, 4]}', None),
     ("(10, 20)", None),
     ("x1=10, y1=20, x2=30, y2=40", None),
