@@ -1,5 +1,6 @@
 """Resuming and preemption, for every entry point that trains (sft.py, grpo.py): which checkpoint to resume
-from (complete ones only), loading a full fine-tune's weights back, and save-and-stop on SIGTERM/SIGINT."""
+from (complete ones only), loading a full fine-tune's weights back, and save-and-stop on SIGTERM/SIGINT
+(with a PREEMPTED file in output_dir until the run completes)."""
 
 import glob
 import json
@@ -16,10 +17,15 @@ from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from utils import write_text_atomic
+
 logger = logging.getLogger("training")
 # Exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint: sysexits.h's EX_TEMPFAIL
 # ("temporary failure, the user is invited to retry"). Relaunching the same command resumes.
 PREEMPTED_EXIT_CODE = 75
+# `accelerate launch` exits 1 after its ranks exit 75, so a preempted run also leaves this file in output_dir
+# (naming the step and checkpoint) for a requeue script to test; a run that completes removes it.
+PREEMPTED_MARKER = "PREEMPTED"
 # A launcher (torchrun, Slurm, a terminal's Ctrl-C) often delivers one preemption to a process twice: directly
 # and forwarded. Only a signal this long after the first counts as the second one that stops at once.
 FORWARDED_SIGNAL_WINDOW_S = 2.0
@@ -143,6 +149,10 @@ class SaveAndStopOnSignal(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.preempted and state.is_world_process_zero:
             checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            write_text_atomic(
+                os.path.join(args.output_dir, PREEMPTED_MARKER),
+                f"step {state.global_step} of {state.max_steps}: {checkpoint_dir}\n",
+            )
             logger.warning(
                 "preempted: saved %s at step %d of %d; run the same command again to resume (exit status %d)",
                 checkpoint_dir, state.global_step, state.max_steps, PREEMPTED_EXIT_CODE,

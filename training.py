@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_liger_kernel_available
 
-from checkpoints import PREEMPTED_EXIT_CODE, ConvertedCheckpointLoading
+from checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, ConvertedCheckpointLoading
 from utils import DEFAULT_MAX_IMAGE_SIDE, load_sft_jsonl
 from vision_datacollator import PADDING_MODES, TOO_LONG_ACTIONS, vision_data_collator_map
 
@@ -290,4 +290,6 @@ def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> i
     if trainer.is_world_process_zero():
         image_settings.save(output_dir)
         logger.info("model, processor and image settings saved to %s", output_dir)
+        if os.path.exists(os.path.join(output_dir, PREEMPTED_MARKER)):
+            os.remove(os.path.join(output_dir, PREEMPTED_MARKER))
     return 0

@@ -22,6 +22,14 @@
 #   export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 #   srun bash -c 'NUM_NODES=$SLURM_NNODES NODE_RANK=$SLURM_NODEID bash scripts/sft_multinode.sh configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml'
 #
+# Preemption and time limits: SIGTERM makes every rank save a checkpoint at the same step and stop, but the
+# launcher then exits 1, like a crash. The run also leaves OUTPUT_DIR/PREEMPTED ("step N of M: checkpoint
+# dir"), removed once a run completes; OUTPUT_DIR is the config's output_dir with sft.py's device prefix
+# (outputs/gpu_SFT_...). Requeue on it; the same command resumes from that checkpoint:
+#   #SBATCH --requeue --signal=TERM@120       # SIGTERM to the ranks 2 minutes before the time limit
+#   srun bash -c '...as above...'
+#   [ -f outputs/gpu_SFT_Qwen2_5-VL-3B-Instruct_vqa_bbox/PREEMPTED ] && scontrol requeue "$SLURM_JOB_ID"
+#
 # Every node needs the repo, environment, model and data at the same paths. Put output_dir on storage
 # all nodes share: DeepSpeed checkpoints are written by every rank, and resuming reads them back.
 set -euo pipefail

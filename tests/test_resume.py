@@ -21,7 +21,7 @@ from test_sft import (
     signal_when,
     tiny_args,
 )
-from checkpoints import PREEMPTED_EXIT_CODE
+from checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
 
@@ -38,11 +38,13 @@ def test_sigterm_saves_exits_preempted_and_resume_restores_full_finetune(tiny_mo
     assert 2 <= stopped_at < 8
     assert f"preempted: saved {checkpoint} at step {stopped_at} of 8" in log
     assert not os.path.exists(run_dir / "model.safetensors")  # stopped, not finished
+    assert (run_dir / PREEMPTED_MARKER).read_text() == f"step {stopped_at} of 8: {checkpoint}\n"
     checkpoint_history = log_history(checkpoint)
 
     result = run_script("sft.py", *args)
     assert f"resuming training at {checkpoint}" in result.stderr
     assert_resumed_curve(log_history(run_dir), checkpoint_history, stopped_at, 8)
+    assert not os.path.exists(run_dir / PREEMPTED_MARKER)
     assert_final_run_loads_last_checkpoint(args, run_dir, "checkpoint-8")
 
 

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from checkpoints import PREEMPTED_MARKER
 from conftest import REPO_DIR, run_script
 from utils import ImageSettings
 
@@ -133,6 +134,8 @@ def test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes(tiny_model_dir,
     stopped_at = int(checkpoint.rsplit("-", 1)[1])
     assert 2 <= stopped_at < 8
     assert f"preempted: saved {checkpoint} at step {stopped_at} of 8" in log
+    # What a requeue script can test, since the launcher's exit status is a crash's.
+    assert (run_dir / PREEMPTED_MARKER).read_text() == f"step {stopped_at} of 8: {checkpoint}\n"
     # ZeRO-2 shards the optimizer state: one shard per rank in the checkpoint.
     shards = sorted(os.listdir(os.path.join(checkpoint, f"global_step{stopped_at}")))
     assert [name for name in shards if "optim_states" in name] == [
@@ -144,6 +147,7 @@ def test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes(tiny_model_dir,
     log = accelerate_launch(*args)
     assert f"Checkpoint detected, resuming training at {checkpoint}" in log
     assert_resumed_curve(log_history(run_dir), checkpoint_history, stopped_at, 8)
+    assert not os.path.exists(run_dir / PREEMPTED_MARKER)  # completed
     # Once more: resumed at max_steps (8 = 4 epochs of 2 batches per rank), it trains nothing and saves what it loaded.
     log = accelerate_launch(*args)
     assert f"Checkpoint detected, resuming training at {run_dir / 'checkpoint-8'}" in log
