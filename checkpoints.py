@@ -100,23 +100,39 @@ def saved_weight_names(checkpoint_dir: str) -> set[str] | None:
 
 
 class ConvertedCheckpointLoading:
-    """Mix into a Trainer class (before it) so resuming restores a full fine-tune's weights.
+    """Mix into a Trainer class (before it) so resuming, and load_best_model_at_end, restore a full fine-tune's
+    weights.
 
     transformers 5.24's save_pretrained reverts its weight conversion mapping, so checkpoints carry the Hub's
-    original tensor names (Qwen2.5-VL: `visual.*`, `model.layers.*`), while Trainer._load_from_checkpoint
-    loads model.safetensors with a non-strict load_state_dict and no conversion: nothing matches, a warning
-    lists every key, and training goes on from the base model's weights. When the names differ, load the
-    checkpoint through from_pretrained (which applies the model family's conversion) and copy every weight
-    in; otherwise (LoRA adapters, names that already match, DeepSpeed which loads its own) transformers does it."""
+    original tensor names (Qwen2.5-VL: `visual.*`, `model.layers.*`), while Trainer._load_from_checkpoint and
+    Trainer._load_best_model load model.safetensors with a non-strict load_state_dict and no conversion:
+    nothing matches, a warning lists every key, and training goes on with the weights it had. When the names
+    differ, load the checkpoint through from_pretrained (which applies the model family's conversion) and copy
+    every weight in; otherwise (LoRA adapters, names that already match, DeepSpeed and FSDP which load their
+    own) transformers does it."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
-        names = saved_weight_names(resume_from_checkpoint)
-        if names is None or names <= model.state_dict().keys():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("loading %s through from_pretrained: its weight names are the Hub's", resume_from_checkpoint)
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-        model.load_state_dict(loaded.state_dict())  # strict: every weight must come from the checkpoint
+        if not load_converted_checkpoint(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        if not load_converted_checkpoint(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+
+def load_converted_checkpoint(checkpoint_dir: str, model) -> bool:
+    """Copy a full-model checkpoint saved under the Hub's tensor names into `model`; False when its names
+    already match the model's (or it holds no full model), for transformers' own loading."""
+    names = saved_weight_names(checkpoint_dir)
+    if names is None or names <= model.state_dict().keys():
+        return False
+    logger.info("loading %s through from_pretrained: its weight names are the Hub's", checkpoint_dir)
+    loaded = type(model).from_pretrained(checkpoint_dir, dtype=model.dtype)
+    model.load_state_dict(loaded.state_dict())  # strict: every weight must come from the checkpoint
+    return True
 
 
 class SaveAndStopOnSignal(TrainerCallback):

@@ -4,6 +4,7 @@ complete one. Each resume is checked on the weights it restored and on the loss 
 (The 2-process DeepSpeed ZeRO-2 case is test_sft.py's test_deepspeed_zero2_two_processes_sigterm_saves_and_resumes.)"""
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -100,3 +101,20 @@ def test_only_torn_checkpoints_fail_with_how_to_start_over(sft_data_dir, tmp_pat
     assert "holds no complete checkpoint-* folder to resume from" in result.stderr
     assert "--overwrite_output_dir true" in result.stderr
     assert os.path.isdir(run_dir / "incomplete-checkpoint-3")
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoints_weights(tiny_model_dir, sft_data_dir, tmp_path):
+    """The saved model is the best checkpoint's, not the last one's. greater_is_better on the eval loss makes
+    the best checkpoint an early one, as training lowers the loss."""
+    args = [*tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "best"), "--max_steps", 4, "--eval_strategy", "steps",
+            "--eval_steps", 1, "--save_steps", 1, "--save_total_limit", 4, "--load_best_model_at_end", "true",
+            "--metric_for_best_model", "loss", "--greater_is_better", "true"]  # fmt: skip
+    run_script("sft.py", *args)
+    run_dir = tmp_path / "cpu_best"
+    with open(run_dir / "trainer_state.json") as f:
+        best_checkpoint = json.load(f)["best_model_checkpoint"]
+    assert best_checkpoint != str(run_dir / "checkpoint-4")
+    final = load_weights(run_dir)
+    assert_same_weights(final, load_weights(best_checkpoint))
+    last = load_weights(run_dir / "checkpoint-4")
+    assert any(not final[name].equal(last[name]) for name in last)
