@@ -141,7 +141,7 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
 
     transformers.set_seed(training_args.seed)
     trainer = GroundingGRPOTrainer(
-        model=training.load_model(model_args, lora_args, family),
+        model=training.load_model(model_args, lora_args, training_args, family),
         reward_funcs=rewards,
         args=training_args,
         train_dataset=train_dataset,

@@ -66,7 +66,7 @@ def main(data_args, training_args, model_args, lora_args) -> int:
         too_long=data_args.too_long,
         family=family,
     )
-    model = load_model(model_args, lora_args, family)
+    model = load_model(model_args, lora_args, training_args, family)
 
     trainer = Trainer(
         model=model,
