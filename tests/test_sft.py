@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -310,3 +311,22 @@ def test_bad_config_fails_before_model_loading(sft_data_dir, tmp_path, extra_arg
         assert message in result.stderr, result.stderr
     assert "/nonexistent/model" not in result.stderr  # failed before touching the model
     assert not os.path.exists(tmp_path / "cpu_bad")
+
+
+def test_bf16_full_finetune_outside_deepspeed_updates_weights_as_float32_does(tiny_model_dir, sft_data_dir, tmp_path):
+    """torch_dtype bfloat16 + bf16 (the real configs' settings) without DeepSpeed: one AdamW step of lr 1e-5
+    moves the weights as the same step on float32 weights does. In bf16 weights, such a step rounds away."""
+    initial = load_weights(tiny_model_dir)
+
+    def update(torch_dtype):
+        output_dir = tmp_path / torch_dtype
+        run_script("sft.py", *tiny_args(tiny_model_dir, sft_data_dir, output_dir), "--torch_dtype", torch_dtype,
+                   "--bf16", "true", "--learning_rate", 1e-5, "--max_steps", 1, "--save_strategy", "no")  # fmt: skip
+        trained = load_weights(tmp_path / f"cpu_{torch_dtype}")
+        return {name: trained[name].float() - initial[name] for name in initial}
+
+    reference, bf16_update = update("float32"), update("bfloat16")
+    moved = [name for name in reference if reference[name].abs().max() > 0]
+    assert sum(reference[name].count_nonzero() for name in moved) > 0.5 * sum(initial[name].numel() for name in moved)
+    for name in moved:
+        assert torch.allclose(bf16_update[name], reference[name], atol=1e-7), name
