@@ -28,6 +28,7 @@ from training import (
     SFTTrainingArguments,
     Trainer,
     check_config,
+    drop_too_long,
     load_model,
     load_rows,
     name_run_dir,
@@ -66,6 +67,10 @@ def main(data_args, training_args, model_args, lora_args) -> int:
         too_long=data_args.too_long,
         family=family,
     )
+    show_progress = training_args.should_log
+    train_dataset = drop_too_long(train_dataset, data_collator, data_args.train_dataset_name, show_progress)
+    if eval_dataset is not None:
+        eval_dataset = drop_too_long(eval_dataset, data_collator, data_args.test_dataset_name, show_progress)
     model = load_model(model_args, lora_args, training_args, family)
 
     trainer = Trainer(

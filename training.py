@@ -10,6 +10,7 @@ import datasets
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_liger_kernel_available
@@ -196,6 +197,28 @@ def load_rows(path: str) -> datasets.Dataset:
     if missing:
         raise FileNotFoundError(f"{path}: {len(missing)} of {len(rows)} images not found, e.g. {missing[0]}")
     return datasets.Dataset.from_list(rows)
+
+
+def drop_too_long(dataset: datasets.Dataset, data_collator, path: str, show_progress: bool) -> datasets.Dataset:
+    """The samples of `path` that fit max_seq_length, found before training from image headers (no decoding).
+    Over-long ones are dropped and counted (too_long: drop) or all named at once (raise). Every rank drops the
+    same rows, so all see the same number of batches: dropped inside the collator, a batch left empty would stop
+    one rank while the others wait for it in a collective until the timeout."""
+    limit = data_collator.max_seq_length
+    counting = tqdm(dataset, desc=f"counting tokens of {path}", disable=not show_progress)
+    lengths = [data_collator.token_count(row) for row in counting]
+    too_long = [number for number, length in enumerate(lengths, start=1) if length > limit]
+    if not too_long:
+        return dataset
+    named = ", ".join(f"sample {number} ({lengths[number - 1]} tokens)" for number in too_long[:10])
+    summary = (
+        f"{path}: {len(too_long)} of {len(dataset)} samples exceed max_seq_length={limit}: {named}"
+        f"{', ...' if len(too_long) > 10 else ''}; raise max_seq_length or lower max_image_side"
+    )
+    if data_collator.too_long == "raise" or len(too_long) == len(dataset):
+        raise ValueError(summary)
+    logger.warning("dropped (too_long: drop): %s", summary)
+    return dataset.select([index for index, length in enumerate(lengths) if length <= limit])
 
 
 def freeze_parts(model, model_args, family) -> None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -173,16 +174,29 @@ def model_frame_size(width: int, height: int, settings: ImageSettings) -> tuple[
     return frame_width, frame_height
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB (L, P, RGBA, CMYK... converted); a clear error names the file."""
+@contextmanager
+def open_image(path: str):
+    """Image.open with errors that name the file and say what to do."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+            yield image
     except FileNotFoundError as error:
         raise FileNotFoundError(f"image not found: {path}") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}. Re-export or remove this sample.") from error
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB (L, P, RGBA, CMYK... converted); a clear error names the file."""
+    with open_image(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image file's header, without decoding it (load_image's size)."""
+    with open_image(path) as image:
+        return image.size
 
 
 def to_model_frame(image: Image.Image, settings: ImageSettings) -> Image.Image:

@@ -18,7 +18,9 @@ from utils import (
     build_messages,
     check_processor_kept_frame,
     format_answer,
+    image_size,
     load_image,
+    model_frame_size,
     read_answer_box,
     to_model_frame,
 )
@@ -68,24 +70,38 @@ class GroundingCollator:
         self.rope_index = family.rope_index(self.image_settings.merge_size)
         self.num_dropped = 0
 
+    def prompt_and_answer(self, example, original_size, frame_size) -> tuple[str, str]:
+        """The chat prompt (one image placeholder) and the answer text it is trained to end with."""
+        try:
+            box = read_answer_box(example["assistant"])
+        except ValueError as error:
+            raise ValueError(f"sample with image {example['image'][0]}: {error}") from error
+        answer = format_answer(box_to_answer(box, self.image_settings.coordinate_system, original_size, frame_size))
+        prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
+        return prompt, answer + "<|im_end|>"
+
+    def token_count(self, example) -> int:
+        """encode()'s length for a sample, from its image's header alone (no decoding): the prompt with its one
+        image placeholder expanded to the frame's image tokens, plus the answer."""
+        original_size = image_size(example["image"][0])
+        frame_size = model_frame_size(*original_size, self.image_settings)
+        prompt, answer = self.prompt_and_answer(example, original_size, frame_size)
+        image_tokens = frame_size[0] * frame_size[1] // (self.image_settings.patch_size * self.image_settings.merge_size) ** 2
+        text_tokens = len(self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
+        return text_tokens - 1 + image_tokens
+
     def encode(self, example) -> dict | None:
         """One sample as unpadded tensors, or None if it is too long and dropped."""
         image_path = example["image"][0]
         image = load_image(image_path)
         original_size = image.size
         image = to_model_frame(image, self.image_settings)
-        try:
-            box = read_answer_box(example["assistant"])
-        except ValueError as error:
-            raise ValueError(f"sample with image {image_path}: {error}") from error
-        answer = format_answer(box_to_answer(box, self.image_settings.coordinate_system, original_size, image.size))
-
-        prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
+        prompt, answer = self.prompt_and_answer(example, original_size, image.size)
         prompt_inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
         patch_size = self.image_settings.patch_size
         check_processor_kept_frame(image_path, image.size, prompt_inputs["image_grid_thw"][0], patch_size)
         # The answer is appended as token ids, exactly as generation will produce it after the prompt.
-        answer_ids = self.tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         prompt_ids = prompt_inputs["input_ids"][0]
         length = len(prompt_ids) + len(answer_ids)
         if length > self.max_seq_length:

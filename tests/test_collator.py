@@ -312,3 +312,12 @@ def test_box_that_rounds_to_zero_size_is_learned_one_unit_wide(tiny, tmp_path, b
     frame = (1000, 1000) if family.coordinate_system == MODEL_FRAME_0_1000 else (grid_w * patch, grid_h * patch)
     assert 0 <= x1 < x2 <= frame[0] and 0 <= y1 < y2 <= frame[1]
     assert min(x2 - x1, y2 - y1) == 1
+
+
+@pytest.mark.parametrize("max_side", [224, 448])
+def test_token_count_from_image_header_equals_encoded_length(tiny, collator_rows, max_side):
+    """sft.py drops over-long samples before training by token_count, which never decodes an image."""
+    family, processor, _ = tiny
+    collator = GroundingCollator(processor, max_seq_length=8192, max_img_side_length=max_side, family=family)
+    for row in collator_rows:
+        assert collator.token_count(row) == len(collator.encode(row)["input_ids"])

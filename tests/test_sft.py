@@ -3,6 +3,7 @@ and `python sft.py` for LoRA, the freeze switches, the tutorial's YAML and confi
 
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -18,8 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from checkpoints import PREEMPTED_MARKER
-from conftest import REPO_DIR, run_script
-from utils import ImageSettings
+from conftest import ACCELERATE_2, REPO_DIR, run_script
+from utils import ImageSettings, load_sft_jsonl
+from vision_datacollator import GroundingCollator
 
 TINY_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -79,9 +81,9 @@ def accelerate_command(*args, config_file="configs/deepspeed_bf16_zero2.yaml"):
     return command, launch_env()
 
 
-def launch(command, extra_env=None):
+def launch(command, extra_env=None, timeout=900):
     result = subprocess.run(list(map(str, command)), cwd=REPO_DIR, env=launch_env(extra_env), capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+                            text=True, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -330,3 +332,23 @@ def test_bf16_full_finetune_outside_deepspeed_updates_weights_as_float32_does(ti
     assert sum(reference[name].count_nonzero() for name in moved) > 0.5 * sum(initial[name].numel() for name in moved)
     for name in moved:
         assert torch.allclose(bf16_update[name], reference[name], atol=1e-7), name
+
+
+def test_too_long_samples_are_dropped_before_training_on_every_rank(tiny_model_dir, sft_data_dir, processor, tmp_path):
+    """Batch 1 with too_long: drop (the real full fine-tuning configs' settings) on 2 processes: over-long samples
+    are counted before training and both ranks train on the same number of batches of the rest. Dropped inside
+    the collator, a rank whose batch held only an over-long sample raised while the other waited for it."""
+    rows = load_sft_jsonl(sft_data_dir / "train.jsonl")
+    encoder = GroundingCollator(processor, max_seq_length=100_000, max_image_side=112)
+    lengths = [len(encoder.encode(row)["input_ids"]) for row in rows]
+    limit = sorted(lengths)[len(lengths) // 2]
+    dropped = sum(length > limit for length in lengths)
+    assert 0 < dropped < len(rows)
+    args = [*tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "ddp"), "--use_cpu", "true", "--max_steps", -1,
+            "--num_train_epochs", 1, "--per_device_train_batch_size", 1, "--max_seq_length", limit,
+            "--too_long", "drop", "--save_strategy", "no"]  # fmt: skip
+    log = launch([*ACCELERATE_2, "sft.py", *args], timeout=300)
+    assert f"{dropped} of {len(rows)} samples exceed max_seq_length={limit}" in log
+    assert "tokens > max_seq_length" not in log  # nothing left for the collator to drop
+    with open(tmp_path / "cpu_ddp" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == math.ceil((len(rows) - dropped) / 2)
