@@ -173,6 +173,7 @@ def build_qwen2_5_vl(args):
     config = Qwen2_5_VLConfig(
         text_config=text_config(args, tokenizer, interleaved=False),
         vision_config=dict(**vision_sizes(args), fullatt_block_indexes=[args.vision_depth - 1]),
+        tie_word_embeddings=args.tie_word_embeddings,
         **vision_token_ids(tokenizer),
     )
     return Qwen2_5_VLForConditionalGeneration(config), processor
@@ -210,6 +211,7 @@ def build_qwen3_vl(args):
             num_position_embeddings=16 * 16,  # a learned 16 x 16 grid, interpolated to each image's
             deepstack_visual_indexes=[0],
         ),
+        tie_word_embeddings=args.tie_word_embeddings,
         **vision_token_ids(tokenizer),
     )
     return Qwen3VLForConditionalGeneration(config), processor
@@ -239,6 +241,9 @@ def main():
     parser.add_argument("--rope_theta", type=float, default=3.0)
     parser.add_argument("--min_pixels", type=int, help="default: 4 tokens (patch_size * merge_size squared, x 4)")
     parser.add_argument("--max_pixels", type=int, help="default: 1280 tokens")
+    # The real 3B and Qwen3-VL-4B share one matrix between embed_tokens and lm_head; transformers 5 reads
+    # the switch from the top-level config only.
+    parser.add_argument("--tie_word_embeddings", action="store_true", help="lm_head shares embed_tokens' weight")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 

@@ -15,7 +15,8 @@ import sys
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_families import check_settings_family, detect_family  # noqa: E402
@@ -27,6 +28,19 @@ def same_base(trained_on: str, given: str) -> bool:
     if os.path.realpath(trained_on) == os.path.realpath(given):
         return True
     return os.path.basename(os.path.normpath(trained_on)) == os.path.basename(os.path.normpath(given))
+
+
+def untie_adapted_embeddings(model: PeftModel) -> bool:
+    """When the adapter has LoRA on lm_head or embed_tokens and the base ties them (the real 3B and
+    Qwen3-VL-4B do), give lm_head its own copy: merged into the one shared matrix, the LoRA would change
+    both. True when it untied them."""
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    if not model.config.tie_word_embeddings or not any(isinstance(layer, BaseTunerLayer) for layer in embeddings):
+        return False
+    lm_head = getattr(embeddings[1], "base_layer", embeddings[1])
+    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return True
 
 
 def main():
@@ -57,8 +71,11 @@ def main():
     except ValueError as error:
         sys.exit(f"error: {error}")
 
-    base_dtype = AutoConfig.from_pretrained(args.base_model).dtype or torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(args.base_model, dtype=torch.float32)
+    # dtype="auto" finds the checkpoint's dtype as infer.py's loading does: the config's top-level dtype,
+    # else the weights' (Qwen3-VL's config.json names it only in text_config, so config.dtype is None).
+    model = AutoModelForImageTextToText.from_pretrained(args.base_model, dtype="auto")
+    base_dtype = model.dtype
+    model = model.float()
     try:
         model = PeftModel.from_pretrained(model, args.adapter)
     except (RuntimeError, ValueError) as error:  # size mismatch, or target modules missing from the base
@@ -66,6 +83,8 @@ def main():
         more = f"\n... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
         details = "\n".join(lines[:4]) + more
         sys.exit(f"the adapter {args.adapter} does not fit --base_model {args.base_model}:\n{details}")
+    if untie_adapted_embeddings(model):
+        print("note: the adapter changes lm_head or embed_tokens: the merged model stores them untied", file=sys.stderr)
     model = model.merge_and_unload().to(base_dtype)
 
     # The processor and image settings travel with the adapter when training saved them there.
