@@ -37,6 +37,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory):
+    """The tiny Qwen2.5-VL with lm_head tied to embed_tokens, as the real 3B (and Qwen3-VL-4B) have it."""
+    output_dir = tmp_path_factory.mktemp("tiny_tied_model")
+    run_script("scripts/make_tiny_model.py", "--tie_word_embeddings", "--output_dir", output_dir)
+    return str(output_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl_dir(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("tiny_qwen3_vl")
     run_script("scripts/make_tiny_model.py", "--family", "qwen3_vl", "--output_dir", output_dir)

@@ -17,14 +17,6 @@ QWEN3_VL = FAMILIES["qwen3_vl"]
 ATTENTION = ("q_proj", "v_proj", "qkv")  # the language model's and the vision tower's
 
 
-@pytest.fixture(scope="session")
-def tiny_tied_model_dir(tmp_path_factory):
-    """The tiny Qwen2.5-VL with lm_head tied to embed_tokens, as the real 3B and Qwen3-VL-4B have them."""
-    output_dir = tmp_path_factory.mktemp("tiny_tied_model")
-    run_script("scripts/make_tiny_model.py", "--output_dir", output_dir, "--tie_word_embeddings")
-    return str(output_dir)
-
-
 def make_adapter(base_dir, adapter_dir, max_image_side=224, family=QWEN2_5_VL, target_modules=ATTENTION):
     """A LoRA adapter with random B (on an embedding, random A: peft starts that one at zero) since a fresh
     adapter is a no-op, saved with image settings the way sft.py saves them."""

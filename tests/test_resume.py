@@ -27,9 +27,10 @@ from checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SWANLAB_MODE": "disabled"}
 
 
-def test_sigterm_saves_exits_preempted_and_resume_restores_full_finetune(tiny_model_dir, sft_data_dir, tmp_path):
+def test_sigterm_saves_exits_preempted_and_resume_restores_full_finetune(tiny_tied_model_dir, sft_data_dir, tmp_path):
+    """On tied embeddings, as the real 3B has them (the ZeRO-2 resume test in test_sft.py has untied ones)."""
     # save_steps = max_steps: the only other checkpoint is the signal's. 8 steps = 2 epochs of 4 batches.
-    args = [*tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "full"), "--max_steps", 8, "--save_steps", 8]
+    args = [*tiny_args(tiny_tied_model_dir, sft_data_dir, tmp_path / "full"), "--max_steps", 8, "--save_steps", 8]
     command = [sys.executable, "sft.py", *map(str, args)]
     returncode, log = signal_when(command, ENV, tmp_path / "run1.log", logged_steps(2))
     assert returncode == PREEMPTED_EXIT_CODE, log
@@ -103,10 +104,10 @@ def test_only_torn_checkpoints_fail_with_how_to_start_over(sft_data_dir, tmp_pat
     assert os.path.isdir(run_dir / "incomplete-checkpoint-3")
 
 
-def test_load_best_model_at_end_keeps_the_best_checkpoints_weights(tiny_model_dir, sft_data_dir, tmp_path):
-    """The saved model is the best checkpoint's, not the last one's. greater_is_better on the eval loss makes
-    the best checkpoint an early one, as training lowers the loss."""
-    args = [*tiny_args(tiny_model_dir, sft_data_dir, tmp_path / "best"), "--max_steps", 4, "--eval_strategy", "steps",
+def test_load_best_model_at_end_keeps_the_best_checkpoints_weights(tiny_tied_model_dir, sft_data_dir, tmp_path):
+    """The saved model is the best checkpoint's, not the last one's, on tied embeddings as the real 3B has them.
+    greater_is_better on the eval loss makes the best checkpoint an early one, as training lowers the loss."""
+    args = [*tiny_args(tiny_tied_model_dir, sft_data_dir, tmp_path / "best"), "--max_steps", 4, "--eval_strategy", "steps",
             "--eval_steps", 1, "--save_steps", 1, "--save_total_limit", 4, "--load_best_model_at_end", "true",
             "--metric_for_best_model", "loss", "--greater_is_better", "true"]  # fmt: skip
     run_script("sft.py", *args)
@@ -118,3 +119,4 @@ def test_load_best_model_at_end_keeps_the_best_checkpoints_weights(tiny_model_di
     assert_same_weights(final, load_weights(best_checkpoint))
     last = load_weights(run_dir / "checkpoint-4")
     assert any(not final[name].equal(last[name]) for name in last)
+    assert final["lm_head.weight"].equal(final["model.language_model.embed_tokens.weight"])
