@@ -59,7 +59,25 @@ class GRPOTrainingArguments(training.SFTTrainingArguments, GRPOConfig):
 
 
 class GroundingGRPOTrainer(checkpoints.ConvertedCheckpointLoading, GRPOTrainer):
-    """GRPOTrainer whose resume restores a full fine-tune's weights (see checkpoints.ConvertedCheckpointLoading)."""
+    """GRPOTrainer whose resume restores a full fine-tune's weights (see checkpoints.ConvertedCheckpointLoading)
+    and whose forward passes mark the image tokens where they are."""
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, mm_token_type_ids=None, **kwargs):
+        # trl 1.16 left-pads prompt_ids but takes mm_token_type_ids from the processor, which pads on its own
+        # side: in every row shorter than the batch's longest the image marks miss the image tokens, so
+        # get_rope_index gives the image wrong positions or fails with a shape mismatch (huggingface/trl#5785).
+        # Rebuilt from the ids as the processor builds them; every forward pass (policy, old, reference) comes here.
+        # tests/test_grpo.py says when a trl release aligns them itself and this override can go.
+        if mm_token_type_ids is not None:
+            mm_token_type_ids = image_token_marks(input_ids, self.model.config.image_token_id)
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs
+        )
+
+
+def image_token_marks(input_ids, image_token_id: int):
+    """mm_token_type_ids for prompts that hold images only: 1 on each image token, 0 elsewhere."""
+    return (input_ids == image_token_id).long()
 
 
 def starting_image_settings(model_args, data_args, processor, family: ModelFamily) -> ImageSettings:

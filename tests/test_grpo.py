@@ -1,6 +1,7 @@
 """grpo.py through its entry points (`python grpo.py`, `accelerate launch` with ZeRO-2 on 2 CPU processes),
 starting from a tiny model that sft.py taught to answer 16 samples: its sampled boxes differ in IoU, so GRPO
-has something to reinforce. Also: the reward's box is the SFT target, and bad input stops before loading."""
+has something to reinforce. Also: batches whose images differ in token count get each image's own positions,
+the reward's box is the SFT target, and bad input stops before loading."""
 
 import json
 import os
@@ -8,13 +9,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from PIL import Image, ImageDraw
 from transformers import Qwen2_5_VLForConditionalGeneration
+from trl import GRPOConfig
 
 from conftest import REPO_DIR, run_script
-from grpo import load_prompts
+from grpo import GroundingGRPOTrainer, image_token_marks, load_prompts
 from model_families import FAMILIES
+from rewards import reward_functions
 from test_sft import free_port
-from utils import IGNORE_INDEX, ImageSettings, build_messages, read_answer_box
+from utils import IGNORE_INDEX, ImageSettings, build_messages, format_answer, read_answer_box
 from vision_datacollator import GroundingCollator
 
 CONFIG = "configs/demo_grpo_tiny_cpu.yaml"
@@ -99,6 +104,85 @@ def test_grpo_one_process_trains_saves_resumes_and_infers(sft_model_dir, sft_dat
 def test_grpo_deepspeed_zero2_two_processes(sft_model_dir, sft_data_dir, tmp_path):
     log = assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path / "zero2", processes=2)
     assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 2" in log
+
+
+# Image sizes and aspect ratios whose frames take 64, 32, 32 and 16 image tokens at max_image_side 224: in a batch
+# of all four, the shorter prompts are left-padded by 16 to 48 tokens, more than the 15 tokens before the image
+# (tiny model's tokenizer). At 112 px they take 16, 8, 8 and 4: padded by at most 12, every image mark stays
+# inside the prompt.
+MIXED_SHAPES = [(448, 448), (448, 224), (224, 448), (448, 112)]
+
+
+def mixed_shapes_jsonl(directory):
+    """Converter JSONL of MIXED_SHAPES images, each with a red square to find."""
+    lines = []
+    for number, (width, height) in enumerate(MIXED_SHAPES):
+        image = Image.new("RGB", (width, height), "white")
+        box = [width // 4, height // 4, width // 2, height // 2]
+        ImageDraw.Draw(image).rectangle(box, fill="red")
+        path = directory / f"{number}.png"
+        image.save(path)
+        line = {"image": [str(path)], "query": "where is the red square?", "response": format_answer(box)}
+        lines.append(json.dumps(line) + "\n")
+    (directory / "mixed_shapes.jsonl").write_text("".join(lines))
+    return directory / "mixed_shapes.jsonl"
+
+
+def test_grpo_trains_on_batches_mixing_image_shapes(tiny_model_dir, tmp_path):
+    """Every step holds all four MIXED_SHAPES prompts (4 x 2 completions). trl 1.16 alone stops at the first step
+    inside get_rope_index with a shape mismatch (huggingface/trl#5785)."""
+    output_dir = tmp_path / "mixed"
+    grpo("--model_name_or_path", tiny_model_dir, "--train_dataset_name", mixed_shapes_jsonl(tmp_path),
+         "--max_image_side", 224, "--output_dir", output_dir, "--num_generations", 2,
+         "--max_completion_length", 8, "--max_steps", 1, "--save_strategy", "no")  # fmt: skip
+    assert [entry["step"] for entry in step_records(output_dir.parent / "cpu_mixed")] == [1]
+
+
+@pytest.mark.parametrize("max_image_side", [112, 224])
+def test_forward_positions_are_get_rope_index_of_each_unpadded_row(
+    tiny_model_dir, processor, max_image_side, tmp_path
+):
+    """The mRoPE positions the trainer's loss forward gives each row of a batch mixing image shapes equal
+    transformers' get_rope_index on that row alone (the processor's own ids and image marks, then the completion).
+    trl 1.16 alone gives wrong positions at 112 px, and stops with a shape mismatch at 224 px."""
+    family = FAMILIES["qwen2_5_vl"]
+    settings = ImageSettings.from_processor(processor, max_image_side, family)
+    prompts = load_prompts(str(mixed_shapes_jsonl(tmp_path)), settings, processor)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                      per_device_train_batch_size=8, num_generations=2, max_completion_length=8)  # fmt: skip
+    trainer = GroundingGRPOTrainer(model=model, reward_funcs=reward_functions(["format"]), args=args,
+                                   train_dataset=prompts, processing_class=processor)  # fmt: skip
+    rows = [prompts[index] for index in range(len(MIXED_SHAPES)) for _ in range(args.num_generations)]
+    batch = trainer._generate_and_score_completions(rows)
+    prompt_marks = image_token_marks(batch["prompt_ids"], model.config.image_token_id)
+    assert not batch["mm_token_type_ids"][:, : prompt_marks.size(1)].equal(prompt_marks), (
+        "trl now marks the image tokens of left-padded prompts where they are (huggingface/trl#5785 fixed): "
+        "remove GroundingGRPOTrainer._get_per_token_logps_and_entropies and this assertion"
+    )
+
+    positions = []
+    language_model = model.model.language_model
+    hook = language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+    hook.remove()
+    (forward_positions,) = positions
+
+    rope_index = family.rope_index(settings.merge_size)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).bool()
+    for row, sample in enumerate(rows):
+        text = processor.apply_chat_template(sample["prompt"], add_generation_prompt=True, tokenize=False)
+        alone = processor(images=[sample["image"]], text=[text], return_tensors="pt")
+        prompt_ids = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()]
+        assert prompt_ids.equal(alone["input_ids"][0])
+        completion_ids = batch["completion_ids"][row][batch["completion_mask"][row].bool()]
+        input_ids = torch.cat([alone["input_ids"][0], completion_ids])[None]
+        marks = torch.cat([alone["mm_token_type_ids"][0], torch.zeros_like(completion_ids)])[None]
+        expected = rope_index(input_ids, marks, alone["image_grid_thw"])[:, 0]
+        assert forward_positions[:, row, attention_mask[row]].equal(expected), (row, MIXED_SHAPES[row // 2])
 
 
 def test_reward_box_is_the_sft_target_box(processor, collator_rows, tmp_path):
