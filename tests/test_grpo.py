@@ -5,6 +5,7 @@ the reward's box is the SFT target, and bad input stops before loading."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,30 +68,43 @@ def weights(model_dir):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).state_dict()
 
 
-def assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, output_dir, processes):
-    args = ["--model_name_or_path", sft_model_dir, "--train_dataset_name", sft_data_dir / "train.jsonl",
-            "--output_dir", output_dir]  # fmt: skip
-    log = grpo(*args, "--max_steps", 2, processes=processes)
-    run_dir = output_dir.parent / f"cpu_{output_dir.name}"
-    first = step_records(run_dir)
-    assert [entry["step"] for entry in first] == [1, 2]
-    for entry in first:  # the logged reward is the reward_weights sum of the per-function means (1.0, 0.5)
+def without_timing(records):
+    return [{key: value for key, value in entry.items() if key != "step_time"} for entry in records]
+
+
+def assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path, processes):
+    """Trains 3 steps and keeps checkpoint-2; a run given a copy of checkpoint-2 alone resumes from it and must
+    end where the uninterrupted run did, weights and logged step 3 alike: resuming restored the checkpoint's
+    weights, optimizer and sampling state. Returns the resumed run's log."""
+
+    def run(name):
+        log = grpo("--model_name_or_path", sft_model_dir, "--train_dataset_name", sft_data_dir / "train.jsonl",
+                   "--output_dir", tmp_path / name, "--max_steps", 3, "--save_total_limit", 2,
+                   processes=processes)  # fmt: skip
+        return log, tmp_path / f"cpu_{name}"
+
+    _, run_dir = run("uninterrupted")
+    records = step_records(run_dir)
+    assert [entry["step"] for entry in records] == [1, 2, 3]
+    for entry in records:  # the logged reward is the reward_weights sum of the per-function means (1.0, 0.5)
         expected = entry["rewards/iou_reward/mean"] + 0.5 * entry["rewards/format_reward/mean"]
         assert entry["reward"] == pytest.approx(expected, abs=1e-3)
-    assert any(entry["rewards/format_reward/mean"] > 0 for entry in first), first  # the SFT model answers
+    assert any(entry["rewards/format_reward/mean"] > 0 for entry in records), records  # the SFT model answers
     assert ImageSettings.load(run_dir) == ImageSettings.load(sft_model_dir)  # the starting model's frame
-    start, trained = weights(sft_model_dir), weights(run_dir)
-    assert any(not trained[name].equal(start[name]) for name in start)
+    start, at_step_2, trained = weights(sft_model_dir), weights(run_dir / "checkpoint-2"), weights(run_dir)
+    assert any(not at_step_2[name].equal(start[name]) for name in start)
+    assert any(not trained[name].equal(at_step_2[name]) for name in at_step_2), records[2]  # step 3 moved them
 
-    log = grpo(*args, "--max_steps", 3, processes=processes)
-    assert f"Checkpoint detected, resuming training at {run_dir / 'checkpoint-2'}" in log
-    resumed = step_records(run_dir)
-    assert [entry["step"] for entry in resumed] == [1, 2, 3] and resumed[:2] == first
-    resumed_weights = weights(run_dir)
-    assert any(not resumed_weights[name].equal(trained[name]) for name in trained), resumed[2]
+    resumed_dir = tmp_path / "cpu_resumed"
+    shutil.copytree(run_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    log, _ = run("resumed")
+    assert f"Checkpoint detected, resuming training at {resumed_dir / 'checkpoint-2'}" in log
+    assert without_timing(step_records(resumed_dir)) == without_timing(records)
+    resumed = weights(resumed_dir)
+    assert all(resumed[name].equal(trained[name]) for name in trained)
 
-    eval_dir = output_dir.parent / f"eval_{output_dir.name}"
-    run_script("infer.py", "--model_name_or_path", run_dir, "--test_dataset_name", sft_data_dir / "test.jsonl",
+    eval_dir = tmp_path / "eval"
+    run_script("infer.py", "--model_name_or_path", resumed_dir, "--test_dataset_name", sft_data_dir / "test.jsonl",
                "--output_dir", eval_dir, "--max_new_tokens", 32, env=ONE_THREAD)  # fmt: skip
     with open(eval_dir / "metrics.json") as f:
         assert json.load(f)["num_samples"] == 4  # the 4 test rows
@@ -98,11 +112,11 @@ def assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, output_d
 
 
 def test_grpo_one_process_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path):
-    assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path / "grpo", processes=1)
+    assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path, processes=1)
 
 
 def test_grpo_deepspeed_zero2_two_processes(sft_model_dir, sft_data_dir, tmp_path):
-    log = assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path / "zero2", processes=2)
+    log = assert_trains_saves_resumes_and_infers(sft_model_dir, sft_data_dir, tmp_path, processes=2)
     assert "distributed: DEEPSPEED, 2 process(es), ZeRO stage 2" in log
 
 
