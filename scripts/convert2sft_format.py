@@ -5,8 +5,10 @@ sft.py trains on and infer.py evaluates.
     python scripts/convert2sft_format.py --data_path lmms-lab/RefCOCO --split val --query_column answer \
         --save_path data_refcoco --type test --test_range 0:
 
-writes data/train.jsonl, data/test.jsonl, the images under data/train/ and data/test/, and
-data/skipped_{train,test}.jsonl listing the rows left out. One JSONL line:
+writes data/{train,val,test}.jsonl, the images under data/train/, data/val/ and data/test/, and
+data/skipped_{train,val,test}.jsonl listing the rows left out. val.jsonl is the validation split that the
+configs evaluate on during training (test_dataset_name); test.jsonl is kept for infer.py's final score.
+One JSONL line:
 
     {"image": ["train/000123.jpg"], "query": "what is ...?", "response": "{\"bbox_2d\": [x1, y1, x2, y2]}"}
 
@@ -18,8 +20,14 @@ rounded outwards (x1, y1 down, x2, y2 up) so the box never shrinks, then clipped
 The query comes from --query_column (TextVQA: question). A list-valued query (RefCOCO's `answer`
 holds the referring expressions of one box) gives one JSONL row per expression, all on the same
 image file. --split names the source split (TextVQA has only train; lmms-lab/RefCOCO has val, test,
-testA, testB); --train_range and --test_range are row ranges of that split. Their defaults
-(0:3000, 3000:3100) suit TextVQA; on a smaller set pass e.g. --test_range 0: (to the end).
+testA, testB); --train_range, --val_range and --test_range are row ranges of that split. Their defaults
+(0:3000, 3100:3200, 3000:3100) suit TextVQA: train and test are the tutorial's rows, val the 100 after
+them; on a smaller set pass e.g. --test_range 0: (to the end).
+
+Splits are by image, not by row: TextVQA asks several questions about one image, and a row whose image
+(the same encoded bytes) is also in a held-out range is left out of the later split in the order test,
+val, train. So test keeps all its rows, no image is in two splits, and each row left out is counted and
+listed in skipped_{split}.jsonl with the row that keeps its image.
 
 --data_path takes: a local dir of parquet shards (Hub layout data/train-*.parquet, or a ModelScope
 download, whose legacy dataset_infos.json is ignored, never edited), a `save_to_disk` dir, a
@@ -29,6 +37,8 @@ Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a M
 
 import argparse
 import glob
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -46,7 +56,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import clip_box, format_answer, valid_box_values  # noqa: E402
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# Held-out splits claim their images first: a row whose image an earlier split here holds is left out.
+CLAIM_ORDER = ("test", "val", "train")
 
 
 def parse_range(text: str) -> tuple[int, int | None]:
@@ -91,6 +103,29 @@ def load_local(directory: str, split: str):
         return load_dataset("parquet", data_dir=directory, split=split)
     except ValueError as error:  # "Unknown split ..." names the splits found
         raise SystemExit(f"{directory}: no --split {split} in the parquet shards: {error}") from None
+
+
+def image_identity(image: dict) -> str:
+    """What makes two rows the same image: a hash of its encoded bytes (its path when only a path is stored)."""
+    if image["bytes"] is None:
+        return image["path"]
+    return hashlib.blake2b(image["bytes"], digest_size=16).hexdigest()
+
+
+def rows_on_claimed_images(dataset, ranges: dict[str, range]) -> dict[str, dict[int, str]]:
+    """{split: {row: reason}}: the rows of each split whose image a split before it in CLAIM_ORDER holds."""
+    left_out = {split: {} for split in ranges}
+    if len(ranges) == 1:  # a split alone shares no image with another
+        return left_out
+    holders = {}  # image identity -> (split, row) of the first row that claimed it
+    images = dataset.select_columns(["image"])
+    for split in (split for split in CLAIM_ORDER if split in ranges):
+        rows = range(ranges[split].start, min(ranges[split].stop, len(dataset)))  # rows past the end hold nothing
+        for index, row in zip(rows, images.select(rows) if rows else ()):  # select rejects an empty range there
+            holder_split, holder_row = holders.setdefault(image_identity(row["image"]), (split, index))
+            if holder_split != split:
+                left_out[split][index] = f"same image as {holder_split} row {holder_row}, which keeps it"
+    return left_out
 
 
 # ---------------------------------------------------------------- one row, in a worker process
@@ -140,8 +175,11 @@ def convert_row(index: int) -> tuple[int, list[dict], str | None]:
 
 # ---------------------------------------------------------------- one split
 def convert_split(
-    dataset, split: str, rows: range, save_path: str, bbox_format: str, query_column: str, num_workers: int
+    dataset, split: str, rows: range, left_out: dict[int, str], save_path: str, bbox_format: str, query_column: str,
+    num_workers: int,
 ) -> None:
+    """Convert `rows`, except those in `left_out` ({row: reason}), which are only listed in skipped_{split}.jsonl."""
+    kept = [index for index in rows if index not in left_out]
     jsonl_path = os.path.join(save_path, f"{split}.jsonl")
     skipped_path = os.path.join(save_path, f"skipped_{split}.jsonl")
     image_dir = os.path.join(save_path, split)
@@ -155,7 +193,7 @@ def convert_split(
     pool = Pool(num_workers, initializer=init_pool_worker, initargs=worker_args) if num_workers > 1 else None
     if pool is None:
         init_worker(*worker_args)
-    results = pool.imap(convert_row, rows, chunksize=4) if pool else map(convert_row, rows)
+    results = pool.imap(convert_row, kept, chunksize=4) if pool else map(convert_row, kept)
     num_written = num_skipped = 0
     queries = set()
     try:
@@ -163,7 +201,9 @@ def convert_split(
             open(jsonl_path + ".partial", "w", encoding="utf-8") as jsonl,
             open(skipped_path + ".partial", "w", encoding="utf-8") as skipped,
         ):
-            for index, records, reason in tqdm(results, total=len(rows), desc=f"{split} rows {rows.start}:{rows.stop}"):
+            for index, reason in left_out.items():
+                skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
+            for index, records, reason in tqdm(results, total=len(kept), desc=f"{split} rows {rows.start}:{rows.stop}"):
                 if reason is not None:
                     skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
                     num_skipped += 1
@@ -184,9 +224,10 @@ def convert_split(
     os.replace(jsonl_path + ".partial", jsonl_path)
     if num_written > 1 and len(queries) == 1:  # e.g. RefCOCO's instruction column instead of its expressions
         print(f"warning: every {split} row has the query {queries.pop()!r}: is --query_column right?", file=sys.stderr)
+    shared = f" and {len(left_out)} rows whose image another split keeps" if left_out else ""
     print(
-        f"{split}: {num_written} rows (from {len(rows) - num_skipped} dataset rows) -> {jsonl_path}; "
-        f"skipped {num_skipped} bad rows (listed in {skipped_path})"
+        f"{split}: {num_written} rows (from {len(kept) - num_skipped} dataset rows) -> {jsonl_path}; "
+        f"skipped {num_skipped} bad rows{shared} (listed in {skipped_path})"
     )
 
 
@@ -194,8 +235,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", required=True, help="local dir (parquet shards or save_to_disk) or dataset id")
     parser.add_argument("--save_path", required=True, help="output dir for {split}.jsonl and images")
-    parser.add_argument("--type", choices=["train", "test", "all"], default="all", help="which split(s) to write")
+    parser.add_argument("--type", choices=[*SPLITS, "all"], default="all", help="which split(s) to write")
     parser.add_argument("--train_range", type=parse_range, default="0:3000", help="dataset rows START:END of train")
+    parser.add_argument("--val_range", type=parse_range, default="3100:3200", help="dataset rows START:END of val")
     parser.add_argument("--test_range", type=parse_range, default="3000:3100", help="dataset rows START:END of test")
     parser.add_argument("--bbox_format", choices=["xywh", "xyxy"], default="xywh", help="how the source stores bbox")
     parser.add_argument("--split", default="train", help="the source split to read (RefCOCO: val, test, testA, testB)")
@@ -211,18 +253,18 @@ def main():
     if isinstance(dataset.features["image"], Image):
         dataset = dataset.cast_column("image", Image(decode=False))  # workers decode, in parallel
 
-    ranges = {}
-    for split, (start, end) in (("train", args.train_range), ("test", args.test_range)):
-        ranges[split] = range(start, len(dataset) if end is None else end)
-    train, test = ranges["train"], ranges["test"]
-    # Both ranges are rows of one split; a held-out split (RefCOCO val) converted alone is never trained on.
-    same_split_trains = args.type == "all" or args.split == "train"
-    if same_split_trains and train.start < test.stop and test.start < train.stop:
-        raise SystemExit(
-            f"--train_range {train.start}:{train.stop} overlaps --test_range {test.start}:{test.stop}: "
-            "test rows would be trained on. Set both ranges."
-        )
     splits = SPLITS if args.type == "all" else (args.type,)
+    given = {"train": args.train_range, "val": args.val_range, "test": args.test_range}
+    ranges = {split: range(start, len(dataset) if end is None else end) for split, (start, end) in given.items()}
+    # All ranges are rows of one split; a held-out split (RefCOCO val) converted alone is never trained on.
+    same_split_trains = args.type == "all" or args.split == "train"
+    for first, second in itertools.combinations(SPLITS, 2) if same_split_trains else ():
+        a, b = ranges[first], ranges[second]
+        if a.start < b.stop and b.start < a.stop:
+            raise SystemExit(
+                f"--{first}_range {a.start}:{a.stop} overlaps --{second}_range {b.start}:{b.stop}: "
+                "the same rows would be in two splits. Set both ranges."
+            )
     for split in splits:
         if not 0 <= ranges[split].start < ranges[split].stop <= len(dataset):
             raise SystemExit(
@@ -230,12 +272,18 @@ def main():
                 f"of split {args.split}: pass --{split}_range START:END with END <= {len(dataset)}, or START: "
                 f"(e.g. 0:) to read to the end"
             )
+    # The held-out ranges claim their images even when not written now, so converting one split at a time
+    # gives the same files; only the splits up to the last one written in CLAIM_ORDER need reading.
+    last = max(CLAIM_ORDER.index(split) for split in splits)
+    claiming = CLAIM_ORDER[: last + 1] if same_split_trains else splits
+    left_out = rows_on_claimed_images(dataset, {split: ranges[split] for split in claiming})
 
     os.makedirs(args.save_path, exist_ok=True)
     try:
         for split in splits:
             convert_split(
-                dataset, split, ranges[split], args.save_path, args.bbox_format, args.query_column, args.num_workers
+                dataset, split, ranges[split], left_out[split], args.save_path, args.bbox_format, args.query_column,
+                args.num_workers,
             )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the split in progress left only *.partial files, cleared by a rerun") from None

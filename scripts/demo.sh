@@ -4,7 +4,7 @@
 #
 #   bash scripts/demo.sh                    # about 15 minutes on 2 CPU cores
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
-#   bash scripts/demo.sh --num_samples 64 --num_test 16 --max_steps 20 --workdir /tmp/demo   # a quick look
+#   bash scripts/demo.sh --num_samples 64 --num_test 16 --num_val 8 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
 #   bash scripts/demo.sh --grpo             # then GRPO from the SFT model (grpo.py, configs/demo_grpo_tiny_cpu.yaml)
 #
@@ -16,6 +16,7 @@ set -euo pipefail
 CONFIG=configs/demo_tiny_cpu.yaml
 NUM_SAMPLES=3000  # training samples; the test split comes after them
 NUM_TEST=200
+NUM_VAL=100       # the validation split, after the test split: the config's test_dataset_name, never the test images
 MAX_STEPS=""      # empty: the config's max_steps
 BATCH_SIZE=""     # empty: the config's per_device_train_batch_size
 MAX_IMAGE_SIDE="" # empty: the config's max_image_side
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
         --num_test) NUM_TEST="$2"; shift 2 ;;
+        --num_val) NUM_VAL="$2"; shift 2 ;;
         --max_steps) MAX_STEPS="$2"; shift 2 ;;
         --batch_size) BATCH_SIZE="$2"; shift 2 ;;
         --max_image_side) MAX_IMAGE_SIDE="$2"; shift 2 ;;
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
         --family) FAMILY="$2"; shift 2 ;;
         --grpo) GRPO=1; shift ;;
         --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --max_steps --batch_size --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --num_val --max_steps --batch_size --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
@@ -70,10 +72,11 @@ stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
 stage "1/7 build the tiny model" \
     python scripts/make_tiny_model.py --family "$FAMILY" --output_dir "$MODEL"
 stage "2/7 draw the synthetic dataset" \
-    python scripts/make_synthetic_data.py --output_dir "$SOURCE" --num_samples $((NUM_SAMPLES + NUM_TEST)) "${DATA_FLAGS[@]}"
+    python scripts/make_synthetic_data.py --output_dir "$SOURCE" --num_samples $((NUM_SAMPLES + NUM_TEST + NUM_VAL)) "${DATA_FLAGS[@]}"
 stage "3/7 convert it to JSONL" \
     python scripts/convert2sft_format.py --data_path "$SOURCE" --save_path "$DATA" \
-    --train_range "0:$NUM_SAMPLES" --test_range "$NUM_SAMPLES:$((NUM_SAMPLES + NUM_TEST))"
+    --train_range "0:$NUM_SAMPLES" --test_range "$NUM_SAMPLES:$((NUM_SAMPLES + NUM_TEST))" \
+    --val_range "$((NUM_SAMPLES + NUM_TEST)):$((NUM_SAMPLES + NUM_TEST + NUM_VAL))"
 stage "4/7 baseline: the mean training box" \
     python scripts/mean_box_baseline.py --train_dataset_name "$DATA/train.jsonl" \
     --test_dataset_name "$DATA/test.jsonl" --output_dir "$EVAL/mean_box"
@@ -83,7 +86,7 @@ stage "5/7 baseline: the untrained model" \
     --output_dir "$EVAL/untrained" --max_image_side "$MAX_IMAGE_SIDE" --max_new_tokens 48
 stage "6/7 train (sft.py --config $CONFIG)" \
     python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
-    --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/test.jsonl" \
+    --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/val.jsonl" \
     --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"} \
     ${BATCH_SIZE:+--per_device_train_batch_size "$BATCH_SIZE"}
 stage "7/7 evaluate the trained model" \

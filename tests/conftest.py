@@ -60,11 +60,11 @@ def synthetic_dataset_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_data_dir(synthetic_dataset_dir, tmp_path_factory):
-    """The converter's JSONL (boxes in original pixels) from the synthetic dataset: 16 train, 4 test rows."""
+    """The converter's JSONL (boxes in original pixels) from the synthetic dataset: 16 train, 4 val, 4 test rows."""
     data_dir = tmp_path_factory.mktemp("sft_data")
     run_script(
         "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", data_dir,
-        "--train_range", "0:16", "--test_range", "16:20", "--num_workers", 1,
+        "--train_range", "0:16", "--val_range", "20:24", "--test_range", "16:20", "--num_workers", 1,
     )  # fmt: skip
     return data_dir
 

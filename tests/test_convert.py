@@ -3,6 +3,7 @@ TextVQA-schema dataset: the synthetic rows plus bad and edge-case rows mixed in.
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ from conftest import REPO_DIR, run_script
 from utils import load_sft_jsonl
 
 SCRIPT = "scripts/convert2sft_format.py"
-TRAIN_RANGE, TEST_RANGE = (0, 40), (40, 52)
+TRAIN_RANGE, VAL_RANGE, TEST_RANGE = (0, 32), (32, 40), (40, 52)
+RANGES = {"train": TRAIN_RANGE, "val": VAL_RANGE, "test": TEST_RANGE}
 # What the ModelScope uploader's dataset_infos.json looks like: old-style Values without "dtype",
 # which made `datasets.load_dataset(dir)` fail and users delete the file.
 LEGACY_DATASET_INFOS = {
@@ -47,11 +49,16 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def special_rows(template: dict) -> list[tuple[dict, object]]:
-    """(row, expected) pairs: expected is the response box, or a word the skip reason must contain."""
-    image = Image.open(io.BytesIO(template["image"]["bytes"]))
-    width, height = image.size
+    """(row, expected) pairs: expected is the response box, or a word the skip reason must contain. Each row
+    has an image of its own, the template's size in its own colour: no image is shared across splits here."""
+    width, height = Image.open(io.BytesIO(template["image"]["bytes"])).size
+    shades = iter(range(20, 250, 15))
 
-    def row(bbox, question="where is it?", image_bytes=template["image"]["bytes"]):
+    def own_image():
+        return Image.new("RGB", (width, height), (next(shades), 90, 160))
+
+    def row(bbox, question="where is it?", image_bytes=None):
+        image_bytes = image_bytes or png_bytes(own_image())
         return {**template, "image": {"bytes": image_bytes, "path": None}, "question": question, "bbox": bbox}
 
     return [
@@ -62,10 +69,10 @@ def special_rows(template: dict) -> list[tuple[dict, object]]:
         (row([width - 10.0, height - 10.0, 30.0, 30.0]), [width - 10, height - 10, width, height]),  # clipped
         (row([5.0, 5.0, 10.0, -3.0]), "zero or negative size"),
         (row([5.0, 5.0, 10.0, 10.0], question="  "), "missing question"),
-        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(image.convert("L"))), [5, 5, 15, 15]),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(own_image().convert("L"))), [5, 5, 15, 15]),
         (row([5.0, 5.0, 10.0, 10.0], question=None), "missing question"),
         (row([5.0, 5.0, 10.0, 10.0], image_bytes=b"not an image"), "unreadable image"),
-        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(image.convert("RGBA"))), [5, 5, 15, 15]),
+        (row([5.0, 5.0, 10.0, 10.0], image_bytes=png_bytes(own_image().convert("RGBA"))), [5, 5, 15, 15]),
         (row([5.0, 5.0, 10.0, 10.0], image_bytes=template["image"]["bytes"][:200]), "unreadable image"),
     ]
 
@@ -85,7 +92,8 @@ def sha256(path: str) -> str:
 def convert(data_path, save_path, *extra, env):
     return run_script(
         SCRIPT, "--data_path", data_path, "--save_path", save_path, "--type", "all",
-        "--train_range", "{}:{}".format(*TRAIN_RANGE), "--test_range", "{}:{}".format(*TEST_RANGE), *extra, env=env,
+        "--train_range", "{}:{}".format(*TRAIN_RANGE), "--val_range", "{}:{}".format(*VAL_RANGE),
+        "--test_range", "{}:{}".format(*TEST_RANGE), *extra, env=env,
     )  # fmt: skip
 
 
@@ -150,7 +158,7 @@ def read_tree(directory: str) -> dict[str, bytes]:
 
 def test_all_layouts_give_identical_output(converted):
     trees = {name: read_tree(path) for name, path in converted["outputs"].items()}
-    assert {"train.jsonl", "test.jsonl", "skipped_train.jsonl", "skipped_test.jsonl"} < set(trees["hub"])
+    assert {f"{prefix}{split}.jsonl" for prefix in ("", "skipped_") for split in RANGES} < set(trees["hub"])
     assert len(trees["hub"]) > 40  # the images too
     assert trees["hub"] == trees["disk"] == trees["modelscope"]
 
@@ -162,10 +170,10 @@ def test_modelscope_dataset_infos_untouched_and_really_legacy(source, converted)
         load_dataset(source["layouts"]["modelscope"], split="train")
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", list(RANGES))
 def test_responses_skips_and_images(source, converted, split, tmp_path):
     output = converted["outputs"]["disk"]
-    rows = range(*(TRAIN_RANGE if split == "train" else TEST_RANGE))
+    rows = range(*RANGES[split])
     good = [index for index in rows if isinstance(source["expected"][index], list)]
     bad = [index for index in rows if not isinstance(source["expected"][index], list)]
     assert bad, "every split must exercise skipping"
@@ -214,13 +222,51 @@ def test_xyxy_source_gives_the_same_output(source, converted, env, tmp_path):
         with open(os.path.join(directory, name)) as f:
             return f.read()
 
-    for split in ("train", "test"):
+    for split in RANGES:
         assert read(tmp_path / "out", f"{split}.jsonl") == read(reference, f"{split}.jsonl")
         skipped, reference_skipped = (
             [json.loads(line)["row"] for line in read(directory, f"skipped_{split}.jsonl").splitlines()]
             for directory in (tmp_path / "out", reference)
         )
         assert skipped == reference_skipped
+
+
+def test_splits_are_by_image_so_no_image_is_in_two_splits(synthetic_dataset_dir, env, tmp_path):
+    """Several rows on one image, as TextVQA's several questions per image: a row whose image a held-out split
+    holds (test before val before train) is left out of its own split, counted and listed, never lost."""
+    synthetic = load_dataset(synthetic_dataset_dir, split="train").cast_column("image", datasets.Image(decode=False))
+    # The synthetic image each row shows; train 0:12, val 12:18, test 18:24. Image 20 is in all three
+    # splits, 21 in train and val, 22 in train and test, 23 in val and test, 2 twice within train.
+    images = [0, 1, 2, 20, 3, 2, 4, 5, 6, 7, 21, 22] + [8, 21, 20, 23, 20, 9] + [10, 23, 22, 11, 20, 12]
+    left_out = {"train": {3: ("test", 22), 10: ("val", 13), 11: ("test", 20)}, "val": {14: ("test", 22),
+                15: ("test", 19), 16: ("test", 22)}, "test": {}}  # fmt: skip
+    write_parquet_shards(synthetic.select(images), str(tmp_path / "source"), prefix="data")
+    ranges = {"train": "0:12", "val": "12:18", "test": "18:24"}
+    arguments = [SCRIPT, "--data_path", tmp_path / "source", "--num_workers", 1]
+    arguments += [argument for split, rows in ranges.items() for argument in (f"--{split}_range", rows)]
+    result = run_script(*arguments, "--save_path", tmp_path / "out", env=env)
+
+    image_hashes = {}
+    for split, rows in ranges.items():
+        records = load_sft_jsonl(str(tmp_path / "out" / f"{split}.jsonl"))
+        skipped = [json.loads(line) for line in open(tmp_path / "out" / f"skipped_{split}.jsonl")]
+        assert {entry["row"] for entry in skipped} == set(left_out[split]), skipped
+        for entry in skipped:
+            assert "same image as {} row {}".format(*left_out[split][entry["row"]]) in entry["reason"], entry
+        start, end = map(int, rows.split(":"))
+        assert len(records) + len(skipped) == end - start  # every row is written or listed
+        image_hashes[split] = {sha256(record["image"][0]) for record in records}
+        shared = f" and {len(left_out[split])} rows whose image another split keeps" if left_out[split] else ""
+        assert f"{split}: {len(records)} rows (from {len(records)} dataset rows)" in result.stdout
+        assert f"skipped 0 bad rows{shared} (listed in" in result.stdout
+    assert len(image_hashes["train"]) == 8  # 9 rows kept, two of them on image 2
+    for first, second in itertools.combinations(ranges, 2):
+        assert not image_hashes[first] & image_hashes[second], (first, second)
+
+    # Converting train alone still leaves out the held-out splits' images.
+    run_script(*arguments, "--save_path", tmp_path / "train_only", "--type", "train", env=env)
+    for name in ("train.jsonl", "skipped_train.jsonl"):
+        assert (tmp_path / "train_only" / name).read_text() == (tmp_path / "out" / name).read_text()
 
 
 def test_killed_conversion_leaves_no_complete_looking_jsonl(source, env, tmp_path):
@@ -248,7 +294,8 @@ def test_killed_conversion_leaves_no_complete_looking_jsonl(source, env, tmp_pat
     assert "train.jsonl" not in left and "skipped_train.jsonl" not in left and "train" not in left, left
     assert "train.jsonl.partial" in left
 
-    result = run_script(*arguments, "--train_range", "0:40", "--test_range", "40:", "--num_workers", "1", env=env)
+    # --test_range stays empty: rows 40: repeat rows 0:40, so as a test range they would claim every image.
+    result = run_script(*arguments, "--train_range", "0:40", "--test_range", "240:", "--num_workers", "1", env=env)
     assert sorted(os.listdir(save_path)) == ["skipped_train.jsonl", "train", "train.jsonl"], result.stdout
     assert len(load_sft_jsonl(str(save_path / "train.jsonl"))) == sum(
         isinstance(source["expected"][index], list) for index in range(40)
@@ -260,7 +307,12 @@ def test_bad_arguments_fail_with_clear_errors(source, env, tmp_path):
         SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:45",
         "--test_range", "40:52", env=env, check=False,
     )  # fmt: skip
-    assert result.returncode != 0 and "overlaps --test_range 40:52" in result.stderr
+    assert result.returncode != 0 and "--train_range 0:45 overlaps --test_range 40:52" in result.stderr
+    result = run_script(
+        SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:30",
+        "--val_range", "30:41", "--test_range", "40:52", env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--val_range 30:41 overlaps --test_range 40:52" in result.stderr
     # The default ranges on a smaller dataset: the message names the value that works.
     result = run_script(SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, env=env, check=False)
     assert result.returncode != 0 and "--train_range 0:3000 is not inside the 52 rows of split train" in result.stderr

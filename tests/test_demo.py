@@ -34,8 +34,8 @@ def test_demo_pipeline_at_reduced_size(tmp_path):
     is well above the mean training box's, which knows sizes and the typical place but not positions."""
     workdir = tmp_path / "demo"
     result = run_bash_script(
-        "scripts/demo.sh", "--workdir", workdir, "--num_samples", 1000, "--num_test", 50, "--max_steps", 400,
-        "--batch_size", 16, "--max_image_side", 112, "--", *REDUCED_DEMO_DATA,
+        "scripts/demo.sh", "--workdir", workdir, "--num_samples", 1000, "--num_test", 50, "--num_val", 4,
+        "--max_steps", 400, "--batch_size", 16, "--max_image_side", 112, "--", *REDUCED_DEMO_DATA,
     )  # fmt: skip
 
     state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
@@ -65,13 +65,13 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     trains and is scored on it, and the table splits the test images by target size."""
     workdir = tmp_path / "generalisation"
     result = run_bash_script(
-        "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--max_steps", 4,
-        "--batch_size", 4,
+        "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--num_val", 4,
+        "--max_steps", 4, "--batch_size", 4,
     )  # fmt: skip
 
     data_dir = workdir / "data" / "demo"
     object_sides = []  # the longer side of each true box, as a fraction of its image's short side
-    for split, count in (("train", 32), ("test", 8)):
+    for split, count in (("train", 32), ("test", 8), ("val", 4)):
         records = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
         assert len(records) == count
         for record in records:
@@ -82,7 +82,7 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
                 x1, y1, x2, y2 = read_answer_box(record["response"])
                 object_sides.append(max(x2 - x1, y2 - y1) / min(image.size))
     assert min(object_sides) < 0.15 and max(object_sides) > 0.3, object_sides
-    num_small = sum(side < 0.15 for side in object_sides[32:])
+    num_small = sum(side < 0.15 for side in object_sides[32:40])  # the test images
     trained_row = next(line for line in result.stdout.splitlines() if line.startswith("| trained tiny model |"))
     small_cell, larger_cell = trained_row.split("|")[5:7]
     assert small_cell.strip().endswith(f"({num_small})"), trained_row
