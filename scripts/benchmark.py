@@ -3,17 +3,22 @@
     python scripts/benchmark.py                      # CPU, tiny model built on the fly
     python scripts/benchmark.py --device cuda --arch 3b --attn sdpa flash_attention_2
     python scripts/benchmark.py --device cuda --arch 3b --layouts max_length:1 packed:16 --liger
+    python scripts/benchmark.py --device cuda --arch 3b --parity_steps 3 --skip loading encode training inference
 
 Every figure in a table comes from the same run on the same batches, so ratios are fair on a
 noisy machine. Modes are interleaved round by round instead of run one after another.
+--parity_steps N compares the losses of the first N training steps between padding layouts and
+with/without Liger, from the same initial weights on the same batches.
 """
 
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,10 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+# Read before anything applies Liger, which assigns this name whether transformers still calls it or not.
+QWEN2_5_VL_HAS_MROPE_FUNCTION = hasattr(modeling_qwen2_5_vl, "apply_multimodal_rotary_pos_emb")
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
@@ -49,6 +58,7 @@ ARCH_3B = dict(
     tie_word_embeddings=True,
 )  # fmt: skip
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+PARITY_LR = 1e-4  # big enough to move bf16 weights, so later steps' losses compare the gradients too
 ASSUMED_MFU = 0.4  # what a well-fed 3B fine-tuning run reaches on an H100: an assumption, not a measurement
 LIBRARIES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "liger-kernel", "flash-attn")
 
@@ -110,7 +120,7 @@ def parameter_split_3b(processor) -> tuple[int, int]:
         return parameter_split(Qwen2_5_VLForConditionalGeneration(config_3b(processor)))
 
 
-def load_model(args, model_dir, processor, attn_implementation):
+def load_model(args, model_dir, processor, attn_implementation, liger):
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.arch == "3b":
         config = config_3b(processor)
@@ -121,7 +131,7 @@ def load_model(args, model_dir, processor, attn_implementation):
         model = AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation
         ).to(args.device)
-    if args.liger:
+    if liger:
         from transformers.integrations.liger import apply_liger_kernel
 
         apply_liger_kernel(model, None)  # what Trainer does for use_liger_kernel: true
@@ -138,6 +148,20 @@ def load_model(args, model_dir, processor, attn_implementation):
 def synchronize(device):
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch, device) -> torch.Tensor:
+    """Forward, backward and AdamW step; returns the loss."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def adamw(model, lr):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 def real_tokens(batch) -> int:
@@ -240,51 +264,120 @@ def bench_collator(processor, rows, args, family):
 
 
 def bench_training(model, batches, args, label):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = adamw(model, 1e-5)
     model.train()
     text_parameters, vision_parameters = parameter_split(model.base_model.model if args.lora else model)
-
-    def step(batch):
-        batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     cuda = args.device == "cuda"
     peak_memory = {}
     for layout, layout_batches in batches.items():  # warm-up (allocator, kernels, lazy init) and peak memory
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        step(max(layout_batches, key=lambda b: b["input_ids"].numel()))
+        train_step(model, optimizer, max(layout_batches, key=lambda b: b["input_ids"].numel()), args.device)
         peak_memory[layout] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
-    seconds = dict.fromkeys(batches, 0.0)
-    for _ in tqdm(range(args.rounds), desc="training rounds"):
-        for layout, layout_batches in batches.items():  # interleaved, so drift hits all layouts alike
-            for batch in layout_batches:
+    round_seconds = {layout: [] for layout in batches}
+    layouts = list(batches)
+    for round_index in tqdm(range(args.rounds), desc="training rounds"):
+        # Interleaved, in reverse order every other round: drift and position in a round hit all layouts alike.
+        for layout in layouts if round_index % 2 == 0 else layouts[::-1]:
+            seconds = 0.0
+            for batch in batches[layout]:
                 synchronize(args.device)
                 start = time.perf_counter()
-                step(batch)
+                train_step(model, optimizer, batch, args.device)
                 synchronize(args.device)
-                seconds[layout] += time.perf_counter() - start
+                seconds += time.perf_counter() - start
+            round_seconds[layout].append(seconds)
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
     print(f"\n## Training step: forward + backward + AdamW ({label})")
-    print("| padding | batch | samples/s | vs first | tokens/s | MFU | peak memory GiB |")
-    print("|---|---|---|---|---|---|---|")
-    baseline = None
+    print("| padding | batch | samples/s | vs first (median round) | rounds' range | tokens/s | MFU | peak memory GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    samples_per_round = {layout: sum(len(b["image_grid_thw"]) for b in batches[layout]) for layout in batches}
+    round_rates = {layout: [samples_per_round[layout] / s for s in round_seconds[layout]] for layout in batches}
     for layout, layout_batches in batches.items():
         padding, batch_size = parse_layout(layout, args.batch_size)
-        samples = sum(len(b["image_grid_thw"]) for b in layout_batches) * args.rounds
+        # Each round's ratio to the first layout's rate in the same round, so slow rounds cancel out.
+        ratios = [rate / first for rate, first in zip(round_rates[layout], round_rates[layouts[0]])]
+        seconds = sum(round_seconds[layout])
         tokens = sum(real_tokens(b) for b in layout_batches) * args.rounds
         patches = sum(len(b["pixel_values"]) for b in layout_batches) * args.rounds
-        rate = samples / seconds[layout]
-        baseline = baseline or rate
         flops = training_flops(text_parameters, vision_parameters, tokens, patches)
-        mfu = f"{flops / seconds[layout] / peak_flops:.1%}" if peak_flops else "n/a"
+        mfu = f"{flops / seconds / peak_flops:.1%}" if peak_flops else "n/a"
         print(
-            f"| {padding} | {batch_size} | {rate:.2f} | {rate / baseline:.2f}x | {tokens / seconds[layout]:.0f} "
-            f"| {mfu} | {peak_memory[layout]} |"
+            f"| {padding} | {batch_size} | {samples_per_round[layout] * args.rounds / seconds:.2f} "
+            f"| {statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x "
+            f"| {tokens / seconds:.0f} | {mfu} | {peak_memory[layout]} |"
         )
-    print("MFU: 6 x parameters x real tokens (vision: x patches) per second over the GPU's dense bf16 peak.")
+    print(
+        f"vs first: each of the {args.rounds} rounds' samples/s over the first row's in the same round (layouts "
+        "interleaved, in reverse order every other round): the median and the range.\n"
+        "MFU: 6 x parameters x real tokens (vision: x patches) per second over the GPU's dense bf16 peak."
+    )
+
+
+PARITY_LAYOUTS = (
+    ("max_length", "longest", "padding only: the size of kernel and rounding differences"),
+    ("longest", "packed", "packing, on the same samples"),
+)
+
+
+def first_losses(args, model_dir, processor, batches, liger) -> list[float]:
+    """The losses of the first training steps, from the same seeded initial weights for every configuration."""
+    torch.manual_seed(args.seed)
+    model = load_model(args, model_dir, processor, args.attn[0], liger)
+    model.train()
+    optimizer = adamw(model, PARITY_LR)
+    losses = [train_step(model, optimizer, batch, args.device).item() for batch in batches]
+    del model, optimizer
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return losses
+
+
+def print_parity(a, b, why, losses_a, losses_b, setting):
+    print(f"\n## Loss parity: {a} vs {b} ({why})")
+    print(f"| step | loss, {a} | loss, {b} | abs diff | rel diff |")
+    print("|---|---|---|---|---|")
+    differences = [abs(x - y) for x, y in zip(losses_a, losses_b)]
+    relative = [d / abs(x) for d, x in zip(differences, losses_a)]
+    for step, row in enumerate(zip(losses_a, losses_b, differences, relative), 1):
+        print(f"| {step} | {row[0]:.6f} | {row[1]:.6f} | {row[2]:.2e} | {row[3]:.2e} |")
+    print(f"max abs diff {max(differences):.2e}, max rel diff {max(relative):.2e}; {setting}")
+
+
+def bench_loss_parity(processor, rows, args, family, model_dir):
+    """Do packing and Liger change what is learnt? Same weights, same samples: the losses should match."""
+    steps, batch_size = args.parity_steps, args.batch_size
+    if steps * batch_size > len(rows):
+        raise SystemExit(f"--parity_steps {steps} x --batch_size {batch_size}: more than --num_samples {len(rows)}")
+    rows = rows[: steps * batch_size]
+    batches, losses = {}, {}
+    for padding in PADDING_MODES:
+        collator = GroundingCollator(processor, args.max_seq_length, args.max_image_side, padding=padding, family=family)
+        batches[padding] = [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+        losses[padding] = first_losses(args, model_dir, processor, batches[padding], liger=False)
+    model = "Qwen2.5-VL-3B architecture, random init" if args.arch == "3b" else f"model {args.model or 'tiny, built here'}"
+    dtype = "bf16" if args.device == "cuda" else "float32"
+    setting = f"{steps} steps of {batch_size} samples; {model}, {args.attn[0]}, {dtype} on {args.device}"
+    setting += f", AdamW lr {PARITY_LR:g}"
+    for a, b, why in PARITY_LAYOUTS:
+        print_parity(a, b, why, losses[a], losses[b], setting)
+    liger_heading = "\n## Loss parity: packed vs packed + Liger\nskipped: "
+    if importlib.util.find_spec("liger_kernel") is None:
+        print(liger_heading + "liger-kernel not installed (pip install -r requirements-gpu.txt)")
+    elif args.device != "cuda":
+        print(liger_heading + "Liger's Triton kernels need a GPU")
+    else:  # last: some of Liger's patches are process-wide (module attributes), not per model
+        packed_liger = first_losses(args, model_dir, processor, batches["packed"], liger=True)
+        print_parity("packed", "packed + Liger", "Liger's kernels", losses["packed"], packed_liger, setting)
+    # Found by reading Liger's source: its Qwen2.5-VL rope patch replaces this function.
+    defined = "defines it" if QWEN2_5_VL_HAS_MROPE_FUNCTION else (
+        "does not define it (attention calls apply_rotary_pos_emb; mRoPE is applied in the rotary embedding), "
+        "so that patch changes nothing"
+    )
+    print(
+        f"Liger's rope patch for Qwen2.5-VL replaces modeling_qwen2_5_vl.apply_multimodal_rotary_pos_emb; transformers "
+        f"{importlib.metadata.version('transformers')} {defined}."
+    )
 
 
 def bench_inference(model, processor, rows, args, family):
@@ -328,6 +421,9 @@ def main():
     parser.add_argument("--inference_samples", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parity_steps", type=int, default=0, help="compare the first N steps' losses across layouts and Liger"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["loading", "encode", "training", "inference"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -344,11 +440,13 @@ def main():
             bench_loading(processor, rows, args, family, *parameter_split_3b(processor))
         if "encode" not in args.skip:
             bench_encode_stages(processor, rows, args, family)
+        if args.parity_steps:
+            bench_loss_parity(processor, rows, args, family, model_dir)
         if "training" in args.skip and "inference" in args.skip:
             return
         batches = bench_collator(processor, rows, args, family)
         for attn_implementation in args.attn:
-            model = load_model(args, model_dir, processor, attn_implementation)
+            model = load_model(args, model_dir, processor, attn_implementation, args.liger)
             if "training" not in args.skip:
                 options = [args.arch, "LoRA" if args.lora else "full", attn_implementation, args.device]
                 options += ["Liger"] * args.liger + ["gradient checkpointing"] * args.gradient_checkpointing

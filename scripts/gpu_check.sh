@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with one NVIDIA GPU: the speed and memory figures the README lacks.
+# One prepared check for a machine with one NVIDIA GPU: the speed and memory figures the README lacks,
+# and whether packing and Liger leave the training loss unchanged (docs/reading_gpu_check.md says how to read it).
 #
 #   pip install -r requirements.txt -r requirements-gpu.txt   # the second is optional (Liger)
-#   bash scripts/gpu_check.sh          # ~6 minutes; writes gpu_check.md and prints it
+#   bash scripts/gpu_check.sh          # ~8 minutes; writes gpu_check.md and prints it
 #   bash scripts/gpu_check.sh --quick  # the same commands on CPU with the tiny model, toy sizes (the test suite)
 #
 # It runs in whatever Python environment it finds (PYTHON, default python) and skips, with a note, any
@@ -19,9 +20,12 @@ PART_TIMEOUT=${PART_TIMEOUT:-150}  # seconds per part, so one stuck part cannot 
 if [ "${1:-}" = "--quick" ]; then
     COMMON=(--device cpu --num_samples 4 --rounds 1 --inference_samples 2 --new_tokens 2 --loading_sides 112)
     BATCH=2 SMALL=(112 256) LARGE=(224 512)  # max_image_side and max_seq_length
+    SPEED_ROUNDS=2 PARITY_STEPS=2
 else
     COMMON=(--device cuda --arch 3b --num_samples 32 --rounds 2 --inference_samples 32 --new_tokens 24)
     BATCH=8 SMALL=(256 256) LARGE=(1024 1536)
+    # The fast config's padding is decided at SMALL: more interleaved rounds there, so the median ratio survives noise.
+    SPEED_ROUNDS=5 PARITY_STEPS=3
 fi
 MODEL=${GPU_CHECK_MODEL:-}
 if [ -z "$MODEL" ] && [ "${1:-}" != "--quick" ] && [ -d models/Qwen2.5-VL-3B-Instruct ]; then
@@ -64,10 +68,15 @@ full_finetuning() {  # full_finetuning TITLE SIDE SEQ_LENGTH BATCH [more flags]:
     part "$title" --max_image_side "$side" --max_seq_length "$seq_length" \
         --layouts max_length:1 "longest:$batch" "packed:$batch" --attn "${ATTN[@]}" "$@"
 }
-full_finetuning "max_image_side ${SMALL[0]}: data loading, full fine-tuning, inference" "${SMALL[@]}" "$BATCH"
+part "Loss parity at max_image_side ${SMALL[0]}: the first $PARITY_STEPS steps by padding layout, and without vs with Liger" \
+    --parity_steps "$PARITY_STEPS" --batch_size "$BATCH" --skip loading encode training inference \
+    --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}"
+full_finetuning "max_image_side ${SMALL[0]}: data loading, full fine-tuning, inference" "${SMALL[@]}" "$BATCH" \
+    --rounds "$SPEED_ROUNDS"
 full_finetuning "max_image_side ${LARGE[0]}: full fine-tuning" "${LARGE[@]}" $((BATCH / 2)) --skip loading encode inference
 if has liger_kernel; then
-    full_finetuning "max_image_side ${SMALL[0]}, Liger kernels" "${SMALL[@]}" "$BATCH" --liger --skip loading encode inference
+    full_finetuning "max_image_side ${SMALL[0]}, Liger kernels" "${SMALL[@]}" "$BATCH" --liger --skip loading encode inference \
+        --rounds "$SPEED_ROUNDS"
     full_finetuning "max_image_side ${LARGE[0]}, Liger kernels" "${LARGE[@]}" $((BATCH / 2)) --liger --skip loading encode inference
 fi
 part "LoRA, the 24 GB config (configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml: batch 4, gradient checkpointing)" \
