@@ -29,9 +29,11 @@ IOU_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.75, 0.9)
 # a 1024x681 photo is 0.4% of it, so "small" (< 1%) holds the text boxes; RefCOCO's people and
 # objects are mostly "medium" (1-10%) and "large" (>= 10%).
 SIZE_BUCKETS = {"small": (0.0, 0.01), "medium": (0.01, 0.1), "large": (0.1, math.inf)}
-# The demo's split by side instead of area: a target is small when its longer side is under this share of
-# the image's short side (TextVQA's text boxes are about a tenth: 64x43 px in a 1024x681 image).
-SMALL_TARGET_SIDE = 0.15
+# The demo's split by side instead of area (it draws targets by side): the true box's longer side under
+# this share of the image's short side, or not (TextVQA's text boxes are about a tenth: 64x43 px in a
+# 1024x681 image). Named by its cut, never "small", so it cannot be read as SIZE_BUCKETS' small.
+TARGET_SIDE_CUT = 0.15
+SIDE_BUCKETS = (f"side < {TARGET_SIDE_CUT:.0%}", f"side >= {TARGET_SIDE_CUT:.0%}")
 
 
 @torch.no_grad()
@@ -127,16 +129,15 @@ def summarise(records) -> dict:
     }
 
 
-def acc_by_target_size(records) -> dict[str, tuple[float | None, int]]:
-    """Acc@0.5 and count of the scored predictions.jsonl records whose true box's longer side is under
-    SMALL_TARGET_SIDE of the image's short side ("small"), and of the others ("larger")."""
-    buckets = {"small": [], "larger": []}
+def acc_by_target_side(records) -> dict[str, tuple[float | None, int]]:
+    """Acc@0.5 and count of the scored predictions.jsonl records in each of SIDE_BUCKETS: true box's longer
+    side under TARGET_SIDE_CUT of the image's short side, then the others."""
+    under, rest = [], []
     for record in records:
         if record["error"] is None:  # a failed image is left out of every score
             x1, y1, x2, y2 = record["gt_bbox"]
-            small = max(x2 - x1, y2 - y1) < SMALL_TARGET_SIDE * min(record["image_size"])
-            buckets["small" if small else "larger"].append(record)
-    return {name: (summarise(bucket)["acc@0.5"], len(bucket)) for name, bucket in buckets.items()}
+            (under if max(x2 - x1, y2 - y1) < TARGET_SIDE_CUT * min(record["image_size"]) else rest).append(record)
+    return {name: (summarise(bucket)["acc@0.5"], len(bucket)) for name, bucket in zip(SIDE_BUCKETS, (under, rest))}
 
 
 def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:
@@ -191,4 +192,7 @@ def summary_table(model_name, metrics) -> str:
         f"| {format_value(metrics['mean_iou'])} | {format_value(metrics['centre_acc'])} |"
     )
     row += "".join(f" {format_value(size['acc@0.5'])} ({size['count']}) |" for size in sizes.values())
-    return "\n".join([header, "|---" * header.count(" |") + "|", row])
+    legend = "sizes by true-box area / image area: " + ", ".join(
+        f"{name} [{low:g}, {high:g})" for name, (low, high) in SIZE_BUCKETS.items()
+    )
+    return "\n".join([header, "|---" * header.count(" |") + "|", row, legend])

@@ -1,4 +1,5 @@
-"""Table and bar chart of scripts/resolution_study.sh: Acc@0.5 by target size at each image side.
+"""Table and bar chart of scripts/resolution_study.sh: Acc@0.5 by target side (scoring.SIDE_BUCKETS) at each
+image side.
 
     python scripts/plot_resolution_study.py outputs/resolution 112 224 336
 """
@@ -11,10 +12,10 @@ import sys
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scoring import SMALL_TARGET_SIDE, acc_by_target_size  # noqa: E402
+from scoring import SIDE_BUCKETS, acc_by_target_side  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
-BAR_COLORS = {"small": (214, 96, 77), "larger": (67, 147, 195)}
+BAR_COLORS = dict(zip(SIDE_BUCKETS, ((214, 96, 77), (67, 147, 195))))
 
 
 def draw_chart(results: dict[int, dict]) -> Image.Image:
@@ -23,24 +24,24 @@ def draw_chart(results: dict[int, dict]) -> Image.Image:
     chart = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(chart)
     font = ImageFont.load_default(size=14)
-    draw.text((left, 8), f"Acc@0.5 by target size (small: under {SMALL_TARGET_SIDE:.0%} of the short side)", "black", font)
+    draw.text((left, 8), "Acc@0.5 by target side: true box's longer side / image's short side", "black", font)
     draw.line((left, top, left, bottom, width - 10, bottom), "black")
     for tick in (0.0, 0.5, 1.0):
         y = bottom - tick * (bottom - top)
         draw.text((8, y - 7), f"{tick:.1f}", "black", font)
         draw.line((left - 4, y, left, y), "black")
     group_width = (width - left - 20) / len(results)
-    for group, (side, by_size) in enumerate(results.items()):
+    for group, (side, by_side) in enumerate(results.items()):
         x = left + 10 + group * group_width
-        for name, (acc, _count) in by_size.items():
+        for name, (acc, _count) in by_side.items():
             bar_height = (acc or 0.0) * (bottom - top)
             draw.rectangle((x, bottom - bar_height, x + group_width / 2 - 14, bottom), BAR_COLORS[name])
             draw.text((x + 2, bottom - bar_height - 16), "-" if acc is None else f"{acc:.2f}", "black", font)
             x += group_width / 2 - 8
         draw.text((left + 10 + group * group_width + group_width / 4, bottom + 8), f"{side} px", "black", font)
     for column, (name, color) in enumerate(BAR_COLORS.items()):
-        draw.rectangle((left + column * 90, 30, left + 12 + column * 90, 42), color)
-        draw.text((left + 18 + column * 90, 28), name, "black", font)
+        draw.rectangle((left + column * 120, 30, left + 12 + column * 120, 42), color)
+        draw.text((left + 18 + column * 120, 28), name, "black", font)
     return chart
 
 
@@ -51,13 +52,14 @@ def main():
     args = parser.parse_args()
 
     results = {}
-    lines = ["| max_image_side | Acc@0.5 | mean IoU | Acc@0.5 small (n) | Acc@0.5 larger (n) |", "|---|---|---|---|---|"]
+    side_columns = " | ".join(f"Acc@0.5 {name} (n)" for name in SIDE_BUCKETS)
+    lines = [f"| max_image_side | Acc@0.5 | mean IoU | {side_columns} |", "|---|---|---|---|---|"]
     for side in args.sides:
         eval_dir = os.path.join(args.study_dir, str(side), "outputs", "demo_eval", "trained")
         with open(os.path.join(eval_dir, "metrics.json")) as f:
             metrics = json.load(f)
         with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
-            results[side] = acc_by_target_size(map(json.loads, f))
+            results[side] = acc_by_target_side(map(json.loads, f))
         cells = " | ".join("-" if acc is None else f"{acc:.3f} ({n})" for acc, n in results[side].values())
         lines.append(f"| {side} | {metrics['acc@0.5']:.3f} | {metrics['mean_iou']:.3f} | {cells} |")
     table = "\n".join(lines) + "\n"

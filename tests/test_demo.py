@@ -49,8 +49,8 @@ def test_demo_pipeline_at_reduced_size(tmp_path):
     assert metrics["trained"]["mean_iou"] > metrics["mean_box"]["mean_iou"] + MARGIN, metrics
     assert (workdir / "outputs" / "demo_eval" / "trained" / "vis" / "grid.jpg").is_file()
 
-    # The printed table: each predictor's row, with Acc@0.5 by target size computed from its predictions
-    # (every target here is a third to half of the side: none is small).
+    # The printed table: each predictor's row, with Acc@0.5 by target side computed from its predictions
+    # (every target here is a third to half of the side: none is under 15%).
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     for name, folder in (("trained tiny model", "trained"), ("mean training box", "mean_box")):
         predictions = (workdir / "outputs" / "demo_eval" / folder / "predictions.jsonl").read_text().splitlines()
@@ -62,7 +62,7 @@ def test_demo_pipeline_at_reduced_size(tmp_path):
 def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
     """scripts/check_generalisation.sh at reduced size: the data it draws really is the other
     colours, shapes, 160-640 px sides and objects down to a tenth of the short side, the demo's config
-    trains and is scored on it, and the table splits the test images by target size."""
+    trains and is scored on it, and the table splits the test images by target side."""
     workdir = tmp_path / "generalisation"
     result = run_bash_script(
         "scripts/check_generalisation.sh", "--workdir", workdir, "--num_samples", 32, "--num_test", 8, "--num_val", 4,
@@ -82,11 +82,15 @@ def test_generalisation_check_draws_other_data_and_trains_on_it(tmp_path):
                 x1, y1, x2, y2 = read_answer_box(record["response"])
                 object_sides.append(max(x2 - x1, y2 - y1) / min(image.size))
     assert min(object_sides) < 0.15 and max(object_sides) > 0.3, object_sides
-    num_small = sum(side < 0.15 for side in object_sides[32:40])  # the test images
+    num_under = sum(side < 0.15 for side in object_sides[32:40])  # the test images
+    # The split by side is named by its cut, never "small": infer.py's tables use small for area, and say so.
+    assert "| Acc@0.5 side < 15% (n) | Acc@0.5 side >= 15% (n) |" in result.stdout
+    assert "small targets" not in result.stdout
+    assert "sizes by true-box area / image area: small [0, 0.01), medium [0.01, 0.1)" in result.stdout
     trained_row = next(line for line in result.stdout.splitlines() if line.startswith("| trained tiny model |"))
-    small_cell, larger_cell = trained_row.split("|")[5:7]
-    assert small_cell.strip().endswith(f"({num_small})"), trained_row
-    assert larger_cell.strip().endswith(f"({8 - num_small})"), trained_row
+    under_cell, rest_cell = trained_row.split("|")[5:7]
+    assert under_cell.strip().endswith(f"({num_under})"), trained_row
+    assert rest_cell.strip().endswith(f"({8 - num_under})"), trained_row
     state = json.loads((workdir / "outputs" / "cpu_demo_tiny_cpu" / "trainer_state.json").read_text())
     assert (state["global_step"], state["train_batch_size"]) == (4, 4)  # demo.sh's flags override the config's
     metrics = json.loads((workdir / "outputs" / "demo_eval" / "trained" / "metrics.json").read_text())
