@@ -20,7 +20,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import warnings
@@ -28,25 +27,21 @@ import warnings
 import torch
 from accelerate import PartialState
 from peft import PeftModel
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model_families import check_settings_family, detect_family
-from scoring import evaluate, predict, read_true_boxes, summary_table
+from pictures import draw_prediction, make_grid
+from scoring import evaluate, plain_greedy, predict, read_true_boxes, summary_table
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IMAGE_SETTINGS_FILE,
     ImageSettings,
-    load_image,
     load_sft_jsonl,
     processor_dir,
     write_json_atomic,
     write_jsonl_atomic,
 )
-
-TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 0, 0)
-GRID_COLUMNS, GRID_CELL = 4, 320
 
 
 def parse_args():
@@ -68,14 +63,6 @@ def parse_args():
         help="decode with the checkpoint's generation_config.json (e.g. its repetition_penalty), not plain greedy",
     )  # fmt: skip
     return parser.parse_args()
-
-
-def plain_greedy(checkpoint_config: GenerationConfig) -> GenerationConfig:
-    """Greedy decoding with nothing else from the checkpoint but its special tokens: no repetition
-    penalty, no sampling, no beams (generate fills unset values from model.generation_config, so the
-    checkpoint's config is replaced rather than overridden)."""
-    tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-    return GenerationConfig(do_sample=False, num_beams=1, **{name: getattr(checkpoint_config, name) for name in tokens})
 
 
 # ---------------------------------------------------------------- resuming
@@ -170,53 +157,6 @@ def resolve_image_settings(processor, settings_dirs, max_image_side, family) -> 
             f"({os.path.join(directory, IMAGE_SETTINGS_FILE)})"
         )
     return dataclasses.replace(saved, max_image_side=max_image_side)
-
-
-def draw_prediction(record) -> Image.Image:
-    """The original image with the true box (green) and the predicted box (red), captioned below."""
-    image = load_image(record["image"])
-    width, height = image.size
-    line_width = max(2, round(max(width, height) / 250))
-    margin = line_width + 1  # room for a box's line outside the image edge
-    # Sized to the image, so captions stay legible once grid.jpg shrinks every picture to one cell.
-    font = ImageFont.load_default(size=max(12, max(width, height) // 24))
-    result = "no box parsed" if record["pred_bbox"] is None else f"IoU {record['iou']:.2f}"
-    lines = [
-        [(f"{result}   ", "black"), ("truth ", TRUE_COLOR), ("prediction", PREDICTED_COLOR)],
-        [(record["query"], "black")],
-    ]
-    line_height = font.size + line_width
-    text_width = math.ceil(max(sum(font.getlength(text) for text, _ in line) for line in lines))
-    canvas_size = (max(width, text_width) + 2 * margin, height + 2 * margin + len(lines) * line_height)
-    canvas = Image.new("RGB", canvas_size, "white")
-    canvas.paste(image, (margin, margin))
-    draw = ImageDraw.Draw(canvas)
-    for box, color in ((record["gt_bbox"], TRUE_COLOR), (record["pred_bbox"], PREDICTED_COLOR)):
-        if box is not None:
-            # The line lies just outside the box's pixel edges (PIL's rectangle takes inclusive pixel
-            # indices and grows its width inwards), so it never hides the object's own edge.
-            x1, y1, x2, y2 = (v + margin for v in box)
-            outer = (x1 - line_width, y1 - line_width, max(x1, x2 - 1) + line_width, max(y1, y2 - 1) + line_width)
-            draw.rectangle(outer, outline=color, width=line_width)
-    y = height + 2 * margin
-    for line in lines:
-        x = margin
-        for text, color in line:
-            draw.text((x, y), text, fill=color, font=font)
-            x += font.getlength(text)
-        y += line_height
-    return canvas
-
-
-def make_grid(pictures: list[Image.Image]) -> Image.Image:
-    rows = math.ceil(len(pictures) / GRID_COLUMNS)
-    grid = Image.new("RGB", (GRID_COLUMNS * GRID_CELL, rows * GRID_CELL), "white")
-    for index, picture in enumerate(pictures):
-        thumbnail = picture.copy()
-        thumbnail.thumbnail((GRID_CELL - 8, GRID_CELL - 8))
-        column, row = index % GRID_COLUMNS, index // GRID_COLUMNS
-        grid.paste(thumbnail, (column * GRID_CELL + 4, row * GRID_CELL + 4))
-    return grid
 
 
 def save_pictures(records, output_dir, num_vis) -> list[str]:

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 from model_families import box_from_answer
 from utils import (
@@ -36,9 +37,17 @@ TARGET_SIDE_CUT = 0.15
 SIDE_BUCKETS = (f"side < {TARGET_SIDE_CUT:.0%}", f"side >= {TARGET_SIDE_CUT:.0%}")
 
 
+def plain_greedy(checkpoint_config: GenerationConfig) -> GenerationConfig:
+    """Greedy decoding with nothing else from the checkpoint but its special tokens: no repetition
+    penalty, no sampling, no beams (generate fills unset values from model.generation_config, so the
+    checkpoint's config is replaced rather than overridden)."""
+    tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return GenerationConfig(do_sample=False, num_beams=1, **{name: getattr(checkpoint_config, name) for name in tokens})
+
+
 @torch.no_grad()
 def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_progress=True) -> list[dict]:
-    """Generation in batches with the model's generation_config (infer.py makes it plain greedy).
+    """Generation in batches with the model's generation_config (infer.py and training make it plain_greedy).
 
     Returns per row {"raw_output", "pred_bbox" (original pixels), "image_size", "error"}. An image
     that cannot be decoded is left out of its batch, warned about and returned with its reason in

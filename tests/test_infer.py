@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import infer
+import pictures
 import scoring
 from conftest import ACCELERATE_2, CORRUPT_LINE, run_infer, run_script, train, train_lora
 from model_families import FAMILIES
@@ -184,7 +185,7 @@ def test_predictions_metrics_and_pictures(single_process_run, data_dir):
         picture = Image.open(vis_dir / f"{index:05d}.jpg")
         original = Image.open(predictions[index]["image"])
         assert picture.width >= original.width and picture.height > original.height  # original size + caption
-    assert Image.open(vis_dir / "grid.jpg").size == (infer.GRID_COLUMNS * infer.GRID_CELL, 2 * infer.GRID_CELL)
+    assert Image.open(vis_dir / "grid.jpg").size == (pictures.GRID_COLUMNS * pictures.GRID_CELL, 2 * pictures.GRID_CELL)
 
 
 def test_metrics_by_threshold_and_size_on_known_boxes():
@@ -314,9 +315,9 @@ def test_picture_draws_both_boxes_where_they_are(tmp_path):
         ys, xs = np.nonzero((np.asarray(picture)[:300] == color).all(axis=2))
         return (xs.min(), ys.min(), xs.max(), ys.max()) if len(xs) else None
 
-    picture = infer.draw_prediction({**record, "pred_bbox": [200, 40, 380, 120]})
-    true_extent, predicted_extent = extent(picture, infer.TRUE_COLOR), extent(picture, infer.PREDICTED_COLOR)
+    picture = pictures.draw_prediction({**record, "pred_bbox": [200, 40, 380, 120]})
+    true_extent, predicted_extent = extent(picture, pictures.TRUE_COLOR), extent(picture, pictures.PREDICTED_COLOR)
     # The same offset, line and margin apply to both boxes: their drawn extents differ as the boxes do.
     assert [p - t for p, t in zip(predicted_extent, true_extent)] == [200 - 50, 40 - 60, 380 - 150, 120 - 200]
     assert true_extent[2] - true_extent[0] > 100 and true_extent[3] - true_extent[1] > 140  # drawn outside the box
-    assert extent(infer.draw_prediction({**record, "pred_bbox": None}), infer.PREDICTED_COLOR) is None
+    assert extent(pictures.draw_prediction({**record, "pred_bbox": None}), pictures.PREDICTED_COLOR) is None
