@@ -5,8 +5,8 @@
         sft.py --config configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml
 
 Every YAML key can be overridden on the command line (`--max_steps 100`). The keys are the fields
-of the dataclasses in training.py plus transformers' TrainingArguments. The run is written to
-`<parent of output_dir>/<gpu|cpu>_<name of output_dir>` (the tutorial's naming); an existing run
+of the dataclasses in training.py and generation_eval.py plus transformers' TrainingArguments. The run
+is written to `<parent of output_dir>/<gpu|cpu>_<name of output_dir>` (the tutorial's naming); an existing run
 there is resumed from its newest complete checkpoint. SIGTERM/SIGINT saves a checkpoint and exits
 with checkpoints.PREEMPTED_EXIT_CODE (75); the same command then resumes.
 """
@@ -19,6 +19,7 @@ from transformers import AutoProcessor
 from trl import TrlParser
 
 from checkpoints import SaveAndStopOnSignal, find_checkpoint
+from generation_eval import GenerationEvalArguments, GenerationEvaluation, generation_eval_problems
 from model_families import detect_family
 from training import (
     DataTrainingArguments,
@@ -40,14 +41,15 @@ from vision_datacollator import vision_data_collator_map
 logger = logging.getLogger("sft")
 
 
-def main(data_args, training_args, model_args, lora_args) -> int:
+def main(data_args, training_args, model_args, lora_args, generation_args) -> int:
     """Train; return the exit status (0, or PREEMPTED_EXIT_CODE when a signal stopped the run)."""
     for name in ("sft", "training"):
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     # Installed first: a signal during the minutes of loading still saves after the first step.
     save_and_stop = SaveAndStopOnSignal()
     name_run_dir(training_args)
-    check_config(data_args, training_args, model_args, lora_args)
+    generation_problems = generation_eval_problems(generation_args, training_args)
+    check_config(data_args, training_args, model_args, lora_args, generation_problems)
     train_dataset = load_rows(data_args.train_dataset_name)
     eval_dataset = load_rows(data_args.test_dataset_name) if training_args.eval_strategy != "no" else None
     last_checkpoint = find_checkpoint(training_args)
@@ -69,8 +71,15 @@ def main(data_args, training_args, model_args, lora_args) -> int:
     )
     show_progress = training_args.should_log
     train_dataset = drop_too_long(train_dataset, data_collator, data_args.train_dataset_name, show_progress)
+    swanlab_loggers = swanlab_callbacks(training_args)
+    generation_eval = None
     if eval_dataset is not None:
         eval_dataset = drop_too_long(eval_dataset, data_collator, data_args.test_dataset_name, show_progress)
+        if generation_args.eval_generation:
+            generation_eval = GenerationEvaluation(
+                eval_dataset, data_args.test_dataset_name, data_collator.image_settings, generation_args,
+                training_args.per_device_eval_batch_size, log_to_swanlab=bool(swanlab_loggers),
+            )  # fmt: skip
     model = load_model(model_args, lora_args, training_args, family)
 
     trainer = Trainer(
@@ -80,12 +89,15 @@ def main(data_args, training_args, model_args, lora_args) -> int:
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=processor,
-        callbacks=[SaveImageSettings(data_collator.image_settings), save_and_stop, *swanlab_callbacks(training_args)],
+        callbacks=[SaveImageSettings(data_collator.image_settings), save_and_stop, *swanlab_loggers],
+        generation_eval=generation_eval,
     )
     return train_and_save(trainer, last_checkpoint, data_collator.image_settings, save_and_stop)
 
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((DataTrainingArguments, SFTTrainingArguments, ModelArguments, LoraArguments))
+    parser = TrlParser(
+        (DataTrainingArguments, SFTTrainingArguments, ModelArguments, LoraArguments, GenerationEvalArguments)
+    )
     sys.exit(main(*parser.parse_args_and_config()))

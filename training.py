@@ -155,9 +155,10 @@ def liger_kernel_problems(training_args) -> list[str]:
     return []
 
 
-def check_config(data_args, training_args, model_args, lora_args):
-    """Every mistake visible without loading anything, reported together, before minutes of model loading."""
-    problems = []
+def check_config(data_args, training_args, model_args, lora_args, more_problems=()):
+    """Every mistake visible without loading anything (more_problems: an entry point's own), reported together,
+    before minutes of model loading."""
+    problems = list(more_problems)
     if data_args.data_collator not in vision_data_collator_map:
         known = sorted(vision_data_collator_map)
         problems.append(f"data_collator: unknown {data_args.data_collator!r}, use one of {known}")
@@ -283,7 +284,21 @@ def load_model(model_args, lora_args, training_args, family):
 
 
 class Trainer(ConvertedCheckpointLoading, transformers.Trainer):
-    pass
+    """transformers' Trainer that restores converted checkpoints and, given generation_eval (a
+    generation_eval.GenerationEvaluation), adds its box figures to every evaluation's metrics."""
+
+    def __init__(self, *args, generation_eval=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
+
+    def evaluation_loop(self, *args, metric_key_prefix="eval", **kwargs):
+        # Here rather than in a callback's on_evaluate: Trainer.evaluate logs the loop's metrics (to report_to and
+        # trainer_state.json) before it calls the callbacks, and then picks the best checkpoint from them.
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.generation_eval is not None:
+            figures = self.generation_eval(self)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in figures.items()})
+        return output
 
 
 class SaveImageSettings(TrainerCallback):

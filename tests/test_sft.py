@@ -279,10 +279,15 @@ def test_tutorial_config_with_warmup_ratio_eval_and_swanlab(tiny_model_dir, sft_
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     assert len(eval_losses) == 10  # eval_steps: 0.1
     assert eval_losses[-1] < eval_losses[0]
-    # report_to: swanlab logged the run offline.
+    # Evaluation by generation is on by default: box figures at every evaluation, and a picture of the boxes.
+    assert all("eval_acc@0.5" in entry and "eval_mean_iou" in entry for entry in history if "eval_loss" in entry)
+    assert len(os.listdir(tmp_path / "cpu_tutorial" / "eval_boxes")) == 10
+    # report_to: swanlab logged the run offline, the box figures and pictures too.
     (run_file,) = glob.glob(str(tmp_path / "swanlog" / "run-*" / "run-*.swanlab"))
     with open(run_file, "rb") as f:
-        assert b"train/loss" in f.read()
+        logged = f.read()
+    assert all(key in logged for key in (b"train/loss", b"eval/acc@0.5", b"eval/mean_iou", b"eval/boxes"))
+    assert len(glob.glob(str(tmp_path / "swanlog" / "run-*" / "media" / "image" / "*"))) == 10
 
 
 @pytest.mark.parametrize(
@@ -290,9 +295,11 @@ def test_tutorial_config_with_warmup_ratio_eval_and_swanlab(tiny_model_dir, sft_
     [
         (
             ["--data_collator", "NoSuchCollator", "--padding", "wide", "--max_image_side", 0,
-             "--eval_strategy", "steps", "--test_dataset_name", "missing/test.jsonl"],
+             "--eval_strategy", "steps", "--test_dataset_name", "missing/test.jsonl",
+             "--eval_generation", "false", "--metric_for_best_model", "acc@0.5"],
             ["data_collator: unknown 'NoSuchCollator'", "padding: unknown 'wide'",
-             "max_image_side: must be positive", "test_dataset_name: file not found: missing/test.jsonl"],
+             "max_image_side: must be positive", "test_dataset_name: file not found: missing/test.jsonl",
+             "metric_for_best_model: acc@0.5 comes from eval_generation, which is off"],
         ),
         (["--train_dataset_name", "missing/train.jsonl"], ["train_dataset_name: file not found: missing/train.jsonl"]),
         # Without liger-kernel (this venv), or with it on CPU (tiny_cpu.yaml has use_cpu: true).
