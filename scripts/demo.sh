@@ -25,7 +25,7 @@ FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
 GRPO=""           # non-empty: continue from the SFT model with GRPO, evaluate it too
 # The demo's data: one named shape per image, its side a tenth to half of the image's short side, drawn
 # uniformly in log scale so that a quarter of the targets have a side under 15% of it (the results' "side <
-# 15%" column; TextVQA's text boxes are about a tenth). Distractors make the task harder (see README); flags
+# 15%" column; TextVQA's text boxes are about a tenth). Distractors make the task harder (docs/demo.md); flags
 # after -- are appended, so they override these.
 DATA_FLAGS=(--max_distractors 0 --min_object 0.1 --max_object 0.5 --sizes log)
 while [ $# -gt 0 ]; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with one NVIDIA GPU: the speed and memory figures the README lacks,
+# One prepared check for a machine with one NVIDIA GPU: the speed and memory figures docs/benchmarks.md lacks,
 # and whether packing and Liger leave the training loss unchanged (docs/reading_gpu_check.md says how to read it).
 #
 #   pip install -r requirements.txt -r requirements-gpu.txt   # the second is optional (Liger)

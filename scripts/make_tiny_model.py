@@ -237,7 +237,7 @@ def main():
     parser.add_argument("--vision_heads", type=int, default=4)
     # The 3B's 1e6 suits thousands of positions; the tiny model's images are a few tokens across, and
     # mRoPE gives the width axis the slowest frequencies: at 1e4 neighbouring columns look alike, and
-    # 3 (rather than 10) spreads 8 columns over more of a turn (README: the CPU demo, issue #12).
+    # 3 (rather than 10) spreads 8 columns over more of a turn (docs/demo.md, third search; issue #12).
     parser.add_argument("--rope_theta", type=float, default=3.0)
     parser.add_argument("--min_pixels", type=int, help="default: 4 tokens (patch_size * merge_size squared, x 4)")
     parser.add_argument("--max_pixels", type=int, help="default: 1280 tokens")

@@ -24,7 +24,7 @@ def run_bash_script(script, *flags):
 
 # The reduced demo: an easier but honest task (one shape in two colours, fixed 112 px images seen at 112 px,
 # objects a third to half of the side), small enough to learn positions in a few hundred steps of batch 16.
-MARGIN = 0.15  # measured (README): margins 0.36-0.47 on 3 seeds, 0.42 with 8 heads and theta 3; 0.10 at 56 px
+MARGIN = 0.15  # measured (docs/demo.md): margins 0.36-0.47 on 3 seeds, 0.42 with 8 heads and theta 3; 0.10 at 56 px
 REDUCED_DEMO_DATA = ["--min_side", 112, "--max_side", 112, "--min_object", 0.3, "--max_object", 0.5,
                      "--sizes", "uniform", "--shapes", "square", "--colors", "red", "blue"]  # fmt: skip
 
