@@ -26,7 +26,7 @@ def test_sets(synthetic_dataset_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_runs")
     run_script(
         "scripts/convert2sft_format.py", "--data_path", synthetic_dataset_dir, "--save_path", root / "textvqa",
-        "--train_range", f"{NUM_TEST}:40", "--test_range", f"0:{NUM_TEST}", "--num_workers", 1,
+        "--train_range", f"{NUM_TEST}:36", "--val_range", "36:40", "--test_range", f"0:{NUM_TEST}", "--num_workers", 1,
     )  # fmt: skip
     run_script(
         "scripts/make_synthetic_data.py", "--output_dir", root / "refcoco_source", "--num_samples", 3, "--seed", 2,
