@@ -14,6 +14,19 @@ CORRUPT_LINE = 2  # 0-based line of eval.jsonl (the data_dir fixture) whose imag
 sys.path.insert(0, REPO_DIR)
 
 
+# The longest files first (docs/testing.md has the durations): scripts/test.sh runs files on parallel workers,
+# which then finish together instead of one worker running a long file alone at the end.
+LONGEST_FILES_FIRST = ("test_sft.py", "test_demo.py", "test_infer.py", "test_grpo.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 ACCELERATE_2 = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
                 "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
 
