@@ -335,9 +335,17 @@ def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> i
         f", ZeRO stage {state.deepspeed_plugin.zero_stage}" if trainer.is_deepspeed_enabled else "",
     )
     trainer.train(resume_from_checkpoint=last_checkpoint)
-    if save_and_stop.preempted:
-        return PREEMPTED_EXIT_CODE
-    # save_model writes the model (or, with LoRA, the adapter) and the processor; every rank takes part.
+    if not save_and_stop.preempted:
+        save_final(trainer, image_settings)
+    # Every rank leaves the process group before it exits: one that exited with it alive was once aborted
+    # ("terminate called without an active exception", SIGABRT) after a complete ZeRO-3 save, failing the run.
+    trainer.accelerator.end_training()
+    return PREEMPTED_EXIT_CODE if save_and_stop.preempted else 0
+
+
+def save_final(trainer, image_settings) -> None:
+    """The model (or, with LoRA, the adapter) and processor, with every rank taking part; then, on rank 0, the
+    trainer state, image settings, and the end of any PREEMPTED marker."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
     trainer.save_state()
@@ -346,4 +354,3 @@ def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> i
         logger.info("model, processor and image settings saved to %s", output_dir)
         if os.path.exists(os.path.join(output_dir, PREEMPTED_MARKER)):
             os.remove(os.path.join(output_dir, PREEMPTED_MARKER))
-    return 0
