@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from accelerate.utils import gather_object
 from peft import PeftModel
 
-from pictures import draw_prediction, make_grid, save_jpeg_atomic
+from pictures import draw_prediction, make_grid
 from scoring import evaluate, plain_greedy, predict, read_true_boxes
+from utils import atomic_path
 
 EVAL_BOXES_DIR = "eval_boxes"
 # The figures logged at each evaluation, under metric_key_prefix: eval_acc@0.5, eval_mean_iou.
@@ -110,7 +111,8 @@ class GenerationEvaluation:
         grid = make_grid([draw_prediction(record) for record in records])
         boxes_dir = os.path.join(trainer.args.output_dir, EVAL_BOXES_DIR)
         os.makedirs(boxes_dir, exist_ok=True)
-        save_jpeg_atomic(grid, os.path.join(boxes_dir, f"step-{step}.jpg"))
+        with atomic_path(os.path.join(boxes_dir, f"step-{step}.jpg")) as tmp_path:
+            grid.save(tmp_path, format="JPEG", quality=90)
         if self.log_to_swanlab:
             import swanlab
 

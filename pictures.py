@@ -2,7 +2,6 @@
 (output_dir/eval_boxes): the true box (green) and the predicted box (red) on the original image, and a grid."""
 
 import math
-import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -57,10 +56,3 @@ def make_grid(pictures: list[Image.Image]) -> Image.Image:
         column, row = index % GRID_COLUMNS, index // GRID_COLUMNS
         grid.paste(thumbnail, (column * GRID_CELL + 4, row * GRID_CELL + 4))
     return grid
-
-
-def save_jpeg_atomic(picture: Image.Image, path: str) -> None:
-    """Write through a temporary file and rename it: a reader (a browser refreshing it) never sees half a file."""
-    tmp_path = f"{path}.tmp"
-    picture.save(tmp_path, format="JPEG", quality=90)
-    os.replace(tmp_path, path)

@@ -304,12 +304,18 @@ def processor_dir(adapter_dir: str | None, base_model: str) -> str:
     return base_model
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write through a temporary file and rename it: a reader never sees half a file."""
+@contextmanager
+def atomic_path(path: str):
+    """A temporary path beside `path` to write, renamed to `path` once the block has finished without error: a
+    reader never sees half a file."""
     tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        f.write(text)
+    yield tmp_path
     os.replace(tmp_path, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_path(path) as tmp_path, open(tmp_path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json_atomic(path: str, value) -> None:
@@ -317,8 +323,6 @@ def write_json_atomic(path: str, value) -> None:
 
 
 def write_jsonl_atomic(path, records) -> None:
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp_path, open(tmp_path, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_path, path)

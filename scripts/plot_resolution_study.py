@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scoring import SIDE_BUCKETS, acc_by_target_side  # noqa: E402
-from utils import write_text_atomic  # noqa: E402
+from utils import atomic_path, write_text_atomic  # noqa: E402
 
 BAR_COLORS = dict(zip(SIDE_BUCKETS, ((214, 96, 77), (67, 147, 195))))
 
@@ -66,8 +66,8 @@ def main():
     print(table)
     write_text_atomic(os.path.join(args.study_dir, "table.md"), table)
     chart_path = os.path.join(args.study_dir, "acc_by_size.png")
-    draw_chart(results).save(f"{chart_path}.tmp", format="PNG")
-    os.replace(f"{chart_path}.tmp", chart_path)
+    with atomic_path(chart_path) as tmp_path:
+        draw_chart(results).save(tmp_path, format="PNG")
     print(f"table and chart written to {args.study_dir}/table.md and acc_by_size.png")
 
 
