@@ -26,16 +26,15 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 import checkpoints
 import training
+from answers import build_messages, read_answer_box
 from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
 from rewards import REWARD_FUNCTIONS, reward_functions
 from utils import (
     ImageSettings,
-    build_messages,
     check_processor_kept_frame,
     load_image,
     load_sft_jsonl,
     model_frame_size,
-    read_answer_box,
     to_model_frame,
 )
 

@@ -7,7 +7,8 @@ family's answer coordinates (model_families.box_to_answer), so it compares with 
 
 import json
 
-from utils import box_ious, parse_bbox, valid_box_values
+from answers import parse_bbox, valid_box_values
+from utils import box_ious
 
 
 def completion_text(completion) -> str:

@@ -13,16 +13,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from answers import build_messages, parse_bbox, read_answer_box
 from model_families import box_from_answer
-from utils import (
-    box_ious,
-    build_messages,
-    check_processor_kept_frame,
-    load_image,
-    parse_bbox,
-    read_answer_box,
-    to_model_frame,
-)
+from utils import box_ious, check_processor_kept_frame, load_image, to_model_frame
 
 # The thresholds lmms-eval reports for RefCOCO; 0.75 is kept for metrics.json files written before.
 IOU_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.75, 0.9)

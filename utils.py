@@ -7,13 +7,12 @@ image frame (0 <= x1 < x2 <= width). Two frames exist:
             `max_image_side`, then snapped by Qwen's smart_resize to multiples of
             patch_size * merge_size within [min_pixels, max_pixels].
 Training targets are boxes in the model frame, written in the model family's coordinates
-(model_families.py); predictions are mapped back to the original frame.
+(model_families.py); predictions are mapped back to the original frame. Prompts and answer texts
+live in answers.py.
 """
 
 import json
-import math
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -27,96 +26,6 @@ IMAGE_SETTINGS_FILE = "grounding_image_settings.json"
 # The longer image side before snapping, wherever none is given (sft.py, the collator, infer.py without
 # saved settings, the benchmark): the tutorial's 256. A 640x480 TextVQA image becomes 252x196, 63 image tokens.
 DEFAULT_MAX_IMAGE_SIDE = 256
-# The tutorial's instruction, appended to every question at training and inference time.
-PROMPT_SUFFIX = (
-    "Please enclose the corresponding positions using coordinate boxes. "
-    "Examples of coordinate value formats: [x1,y1,x2,y2]."
-)
-
-
-# ---------------------------------------------------------------- prompts and answers
-def build_messages(question: str) -> list[dict]:
-    """One user turn: the image placeholder, then the question with the grounding instruction."""
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": f"{question.strip()} {PROMPT_SUFFIX}"}],
-        }
-    ]
-
-
-def format_answer(box) -> str:
-    """The assistant's answer for a box, in Qwen2.5-VL's grounding format."""
-    return json.dumps({"bbox_2d": [int(round(v)) for v in box]})
-
-
-def read_answer_box(answer: str) -> list[float]:
-    """Strictly parse a dataset answer `{"bbox_2d": [x1, y1, x2, y2]}`; raise ValueError otherwise."""
-    try:
-        box = json.loads(answer)["bbox_2d"]
-    except (json.JSONDecodeError, TypeError, KeyError) as error:
-        raise ValueError(f'answer is not JSON with a "bbox_2d" key: {answer!r}') from error
-    if not valid_box_values(box):
-        raise ValueError(f"bbox_2d must be 4 finite numbers, got {box!r}")
-    return [float(v) for v in box]
-
-
-def valid_box_values(box) -> bool:
-    return (
-        isinstance(box, (list, tuple))
-        and len(box) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-    )
-
-
-_NUMBER = r"-?\d+(?:\.\d+)?"
-_BOX_LIST = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
-# Qwen2-VL's grounding form "<|box_start|>(x1,y1),(x2,y2)<|box_end|>" (the tags vanish when decoding skips special tokens).
-_BOX_POINTS = re.compile(rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,?\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)")
-
-
-def parse_bbox(text: str) -> list[float] | None:
-    """The first box in a model's output, or None if there is none.
-
-    Accepts, in order: the trained format {"bbox_2d": [...]} (possibly inside a list or with text
-    around it, e.g. a ```json fence), then the first bare [x1, y1, x2, y2] list in the text, then
-    Qwen2-VL's (x1,y1),(x2,y2) point pair.
-    """
-    for candidate in _json_candidates(text):
-        box = _find_bbox_2d(candidate)
-        if box is not None:
-            return box
-    match = _BOX_LIST.search(text) or _BOX_POINTS.search(text)
-    return [float(v) for v in match.groups()] if match else None
-
-
-def _json_candidates(text: str):
-    decoder = json.JSONDecoder()
-    for start, char in enumerate(text):
-        if char in "{[":
-            try:
-                yield decoder.raw_decode(text, start)[0]
-            except json.JSONDecodeError:
-                continue
-
-
-def _numbers_from_strings(values):
-    """["1", "2", "3", "4"] -> [1.0, 2.0, 3.0, 4.0], as some models quote coordinates; anything else unchanged."""
-    if not isinstance(values, list) or not all(isinstance(v, str) and re.fullmatch(_NUMBER, v.strip()) for v in values):
-        return values
-    return [float(v) for v in values]
-
-
-def _find_bbox_2d(value):
-    if isinstance(value, dict):
-        box = _numbers_from_strings(value.get("bbox_2d"))
-        return [float(v) for v in box] if valid_box_values(box) else None
-    if isinstance(value, list):
-        for item in value:
-            box = _find_bbox_2d(item)
-            if box is not None:
-                return box
-    return None
 
 
 # ---------------------------------------------------------------- images and frames

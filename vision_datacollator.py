@@ -3,25 +3,33 @@
 Each row {"image": [path], "user": question, "assistant": '{"bbox_2d": [x1, y1, x2, y2]}'} (box in
 original pixels) becomes: the image resized once, straight to the frame the model sees; the box in
 the family's coordinates of that frame; the chat prompt; labels on the answer only; and 3D mRoPE
-position ids computed by the family's own transformers `get_rope_index`.
+position ids computed by the family's own transformers `get_rope_index`. A list answer (answers.py:
+every object, or "[]") has each of its boxes mapped the same way; a text answer is trained as written.
 """
 
 import logging
 
 import torch
 
+from answers import (
+    BOX,
+    BOXES,
+    answer_kind,
+    build_messages,
+    format_answer,
+    format_boxes_answer,
+    read_answer_box,
+    read_answer_boxes,
+)
 from model_families import box_to_answer, family_of_processor
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IGNORE_INDEX,
     ImageSettings,
-    build_messages,
     check_processor_kept_frame,
-    format_answer,
     image_size,
     load_image,
     model_frame_size,
-    read_answer_box,
     to_model_frame,
 )
 
@@ -71,13 +79,24 @@ class GroundingCollator:
         self.num_dropped = 0
 
     def prompt_and_answer(self, example, original_size, frame_size) -> tuple[str, str]:
-        """The chat prompt (one image placeholder) and the answer text it is trained to end with."""
+        """The chat prompt (one image placeholder) and the answer text it is trained to end with: a box or
+        a list of boxes mapped into the family's coordinates of the frame, or a text answer as written."""
+        kind = answer_kind(example["assistant"])
+        coordinate_system = self.image_settings.coordinate_system
         try:
-            box = read_answer_box(example["assistant"])
+            if kind == BOX:
+                box = read_answer_box(example["assistant"])
+                answer = format_answer(box_to_answer(box, coordinate_system, original_size, frame_size))
+            elif kind == BOXES:
+                objects = read_answer_boxes(example["assistant"])
+                for item in objects:
+                    item["bbox_2d"] = box_to_answer(item["bbox_2d"], coordinate_system, original_size, frame_size)
+                answer = format_boxes_answer(objects)
+            else:
+                answer = example["assistant"]
         except ValueError as error:
             raise ValueError(f"sample with image {example['image'][0]}: {error}") from error
-        answer = format_answer(box_to_answer(box, self.image_settings.coordinate_system, original_size, frame_size))
-        prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
+        prompt = self.processor.apply_chat_template(build_messages(example["user"], kind), add_generation_prompt=True)
         return prompt, answer + "<|im_end|>"
 
     def token_count(self, example) -> int:

@@ -39,9 +39,10 @@ QWEN2_5_VL_HAS_MROPE_FUNCTION = hasattr(modeling_qwen2_5_vl, "apply_multimodal_r
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
+from answers import build_messages  # noqa: E402
 from model_families import detect_family  # noqa: E402
 from scoring import predict  # noqa: E402
-from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, build_messages, load_image, to_model_frame  # noqa: E402
+from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, load_image, to_model_frame  # noqa: E402
 from vision_datacollator import PADDING_MODES, GroundingCollator  # noqa: E402
 
 # Qwen2.5-VL-3B-Instruct's architecture (sizes only; token ids come from the processor in use).

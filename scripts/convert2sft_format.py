@@ -54,7 +54,8 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import clip_box, format_answer, valid_box_values  # noqa: E402
+from answers import format_answer, valid_box_values  # noqa: E402
+from utils import clip_box  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 # Held-out splits claim their images first: a row whose image an earlier split here holds is left out.

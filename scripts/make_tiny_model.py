@@ -30,7 +30,7 @@ from transformers import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import PROMPT_SUFFIX  # noqa: E402
+from answers import PROMPT_SUFFIX  # noqa: E402
 
 # Qwen2.5-VL's special tokens, in the real model's order (ids differ here: never hard-code them).
 SPECIAL_TOKENS = [

@@ -93,7 +93,7 @@ def rows_from_dataset(dataset_dir, image_dir, limit=None):
     """Collator rows (as utils.load_sft_jsonl returns them) straight from a TextVQA-schema dataset."""
     import datasets
 
-    from utils import format_answer
+    from answers import format_answer
 
     os.makedirs(image_dir, exist_ok=True)
     dataset = datasets.load_dataset(str(dataset_dir), split="train")
@@ -123,7 +123,7 @@ def data_dir(synthetic_dataset_dir, tmp_path_factory):
     lines = (data_dir / "test.jsonl").read_text().splitlines(keepends=True)
     (data_dir / "first4.jsonl").write_text("".join(lines[:4]))
     (data_dir / "last4.jsonl").write_text("".join(lines[4:]))
-    from utils import format_answer
+    from answers import format_answer
 
     (data_dir / "test" / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     corrupt = {"image": ["test/corrupt.jpg"], "query": "where is the red square?", "response": format_answer([1, 2, 30, 40])}

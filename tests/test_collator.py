@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from answers import read_answer_box
 from conftest import rows_from_dataset, run_script
 from model_families import FAMILIES, MODEL_FRAME_0_1000
-from utils import IGNORE_INDEX, load_image, read_answer_box
+from utils import IGNORE_INDEX, load_image
 from vision_datacollator import GroundingCollator
 
 QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
@@ -321,3 +322,44 @@ def test_token_count_from_image_header_equals_encoded_length(tiny, collator_rows
     collator = GroundingCollator(processor, max_seq_length=8192, max_img_side_length=max_side, family=family)
     for row in collator_rows:
         assert collator.token_count(row) == len(collator.encode(row)["input_ids"])
+
+
+@pytest.mark.parametrize("padding", ["longest", "max_length", "packed"])
+def test_list_empty_and_text_answers_train_beside_single_boxes(tiny, collator_rows, padding):
+    """One batch mixing the three answer kinds over images of different sizes: each box of a list is learned
+    exactly as the same box alone would be, "[]" is learned as "[]", a text answer as written; only
+    single-box prompts carry the tutorial's box instruction."""
+    family, processor, _ = tiny
+    collator = GroundingCollator(processor, max_seq_length=4096, padding=padding, family=family)
+    box_rows = collator_rows[:3]
+    image = box_rows[1]["image"]
+    first_box, second_box = read_answer_box(box_rows[1]["assistant"]), read_answer_box(box_rows[0]["assistant"])
+    objects = [{"bbox_2d": first_box, "label": "sign"}, {"bbox_2d": second_box, "label": "text"}]
+    rows = box_rows + [
+        {"image": image, "user": 'Locate every instance of "sign".', "assistant": json.dumps(objects)},
+        {"image": image, "user": 'Locate every instance of "cat".', "assistant": "[]"},
+        {"image": image, "user": "What colour is the sign?", "assistant": "dark red"},
+    ]
+    alone = [{"image": image, "user": "q", "assistant": json.dumps({"bbox_2d": box})} for box in (first_box, second_box)]
+
+    def answers_and_prompts(batch, count):
+        labels = batch["labels"].reshape(count if padding != "packed" else 1, -1)
+        flat_ids, flat_labels = batch["input_ids"].flatten(), labels.flatten()
+        learned = flat_labels != IGNORE_INDEX
+        # Runs of learned tokens, one per sample, each ending in <|im_end|>.
+        ends = (flat_labels == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")).nonzero().flatten().tolist()
+        starts = [int(learned[:end].logical_not().nonzero().max()) + 1 for end in ends]
+        answers = [processor.tokenizer.decode(flat_ids[s:e]) for s, e in zip(starts, ends)]
+        return answers, processor.tokenizer.decode(flat_ids)
+
+    answers, text = answers_and_prompts(collator(rows), len(rows))
+    single_answers, _ = answers_and_prompts(collator(alone), len(alone))
+    assert json.loads(answers[3]) == [
+        {"bbox_2d": json.loads(single_answers[0])["bbox_2d"], "label": "sign"},
+        {"bbox_2d": json.loads(single_answers[1])["bbox_2d"], "label": "text"},
+    ]
+    assert answers[4] == "[]" and answers[5] == "dark red"
+    assert [json.loads(answer)["bbox_2d"] for answer in answers[:3]] == [
+        json.loads(answer)["bbox_2d"] for answer in answers_and_prompts(collator(box_rows), 3)[0]
+    ]
+    assert text.count("coordinate boxes") == 3

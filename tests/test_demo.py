@@ -8,8 +8,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from answers import read_answer_box
 from conftest import REPO_DIR, run_script
-from utils import read_answer_box
 
 
 def run_bash_script(script, *flags):

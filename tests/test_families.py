@@ -14,9 +14,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import scoring
 import training
+from answers import format_answer, parse_bbox
 from conftest import run_script, train, train_lora
 from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family
-from utils import IMAGE_SETTINGS_FILE, ImageSettings, format_answer, parse_bbox
+from utils import IMAGE_SETTINGS_FILE, ImageSettings
 
 QWEN2_5_VL, QWEN3_VL = FAMILIES["qwen2_5_vl"], FAMILIES["qwen3_vl"]
 

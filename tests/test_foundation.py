@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from answers import build_messages, format_answer
 from conftest import REPO_DIR
 from model_families import FAMILIES
-from utils import ImageSettings, build_messages, format_answer, model_frame_size, to_model_frame
+from utils import ImageSettings, model_frame_size, to_model_frame
 
 QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
 

@@ -15,12 +15,13 @@ from PIL import Image, ImageDraw
 from transformers import Qwen2_5_VLForConditionalGeneration
 from trl import GRPOConfig
 
+from answers import build_messages, format_answer, read_answer_box
 from conftest import REPO_DIR, run_script
 from grpo import GroundingGRPOTrainer, image_token_marks, load_prompts
 from model_families import FAMILIES
 from rewards import reward_functions
 from test_sft import free_port
-from utils import IGNORE_INDEX, ImageSettings, build_messages, format_answer, read_answer_box
+from utils import IGNORE_INDEX, ImageSettings
 from vision_datacollator import GroundingCollator
 
 CONFIG = "configs/demo_grpo_tiny_cpu.yaml"

@@ -10,15 +10,15 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import infer
 import pictures
 import scoring
+from answers import format_answer, parse_bbox, read_answer_box
 from conftest import ACCELERATE_2, CORRUPT_LINE, run_infer, run_script, train, train_lora
 from model_families import FAMILIES
-from utils import ImageSettings, format_answer, load_sft_jsonl, parse_bbox, read_answer_box
+from utils import ImageSettings, load_sft_jsonl
 
 # What models really emit: the trained format, Qwen2.5-VL's zero-shot habits, Qwen2-VL's point
 # pairs, truncated generations, and text with no box at all.

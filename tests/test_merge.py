@@ -8,9 +8,10 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from answers import build_messages
 from conftest import run_script, train_lora
 from model_families import FAMILIES
-from utils import ImageSettings, build_messages, to_model_frame
+from utils import ImageSettings, to_model_frame
 
 QWEN2_5_VL = FAMILIES["qwen2_5_vl"]
 QWEN3_VL = FAMILIES["qwen3_vl"]
