@@ -179,3 +179,16 @@ def _box_object(item) -> dict | None:
     if not valid_box_values(box):
         return None
     return {"bbox_2d": [float(v) for v in box], "label": str(item.get("label", ""))}
+
+
+_QUOTED_NUMBER = rf'"?({_NUMBER})"?'
+_BBOX_2D_NUMBERS = re.compile(rf'"bbox_2d"\s*:\s*\[\s*{_QUOTED_NUMBER}\s*,\s*{_QUOTED_NUMBER}\s*,\s*{_QUOTED_NUMBER}\s*,\s*{_QUOTED_NUMBER}\s*\]')
+
+
+def box_number_spans(text: str, kind: str = BOX) -> list[list[tuple[int, int]]]:
+    """Where each box's four numbers are written in a model's answer, as character spans, in the order
+    parse_boxes (kind BOXES) or parse_bbox (kind BOX: the first box only) return the boxes."""
+    matches = list(_BBOX_2D_NUMBERS.finditer(text))
+    if kind == BOX:
+        matches = matches[:1] or [m for m in (_BOX_LIST.search(text) or _BOX_POINTS.search(text),) if m]
+    return [[match.span(group) for group in range(1, 5)] for match in matches]

@@ -1,0 +1,67 @@
+"""Box confidences from token log-probabilities (confidence.py), against probabilities written by hand."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+from answers import BOX, BOXES
+from confidence import CONFIDENCE_RULES, box_confidences
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def answer_ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def hand_logprobs(tokenizer, ids, probability_of_digit):
+    """Every digit token gets the probability its function gives, every other token probability 1."""
+    return [math.log(probability_of_digit(tokenizer.decode([token]))) if tokenizer.decode([token]).isdigit() else 0.0 for token in ids]
+
+
+def test_each_box_gets_the_probabilities_of_its_own_numbers(tokenizer):
+    text = '[{"bbox_2d": [12, 34, 56, 78], "label": "a"}, {"bbox_2d": [9, 9, 9, 9], "label": "b"}, {"bbox_2d": [1, 2'
+    ids = answer_ids(tokenizer, text)
+    # Digits of the first box at 0.8, of the second at 0.5; the unfinished third box is not a box.
+    logprobs = hand_logprobs(tokenizer, ids, lambda digit: 0.5 if digit == "9" else 0.8)
+    assert box_confidences(tokenizer, ids, logprobs, BOXES, "mean") == pytest.approx([0.8, 0.5])
+    assert box_confidences(tokenizer, ids, logprobs, BOXES, "product") == pytest.approx([0.8**8, 0.5**4])
+    assert box_confidences(tokenizer, ids, logprobs, BOXES, "min") == pytest.approx([0.8, 0.5])
+
+
+def test_single_box_and_no_box(tokenizer):
+    ids = answer_ids(tokenizer, '{"bbox_2d": [10, 20, 30, 40]}')
+    logprobs = hand_logprobs(tokenizer, ids, lambda digit: {"1": 0.2, "2": 0.4}.get(digit, 1.0))
+    assert box_confidences(tokenizer, ids, logprobs, BOX, "min") == pytest.approx([0.2])
+    assert box_confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([(0.2 * 0.4) ** (1 / 8)])
+    assert box_confidences(tokenizer, answer_ids(tokenizer, "[]"), [0.0, 0.0, 0.0], BOXES) == []
+
+
+def test_confidences_from_hand_written_logits_through_compute_transition_scores(tiny_model_dir, tokenizer):
+    """The chain generation uses: per-step logits -> log-softmax of the chosen tokens -> box confidence."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    ids = answer_ids(tokenizer, '{"bbox_2d": [1, 2, 3, 4]}')
+    vocab = model.config.get_text_config().vocab_size
+    first_number_step = next(step for step, token in enumerate(ids) if "[" in tokenizer.decode([token])) + 1
+    scores, expected_digit_probabilities = [], []
+    for step, token in enumerate(ids):
+        logits = torch.zeros(1, vocab)
+        logits[0, token] = 2.0 + step % 3  # the chosen token leads by a margin we know
+        scores.append(logits)
+        if step >= first_number_step and tokenizer.decode([token]).isdigit():  # not the 2 of "bbox_2d"
+            expected_digit_probabilities.append(math.exp(logits[0, token]) / (math.exp(logits[0, token]) + vocab - 1))
+    sequences = torch.tensor([[0, 0] + ids])  # two prompt tokens, then the answer
+    model.generation_config = GenerationConfig()
+    logprobs = model.compute_transition_scores(sequences, tuple(scores), normalize_logits=True)[0]
+    expected = math.prod(expected_digit_probabilities) ** (1 / len(expected_digit_probabilities))
+    assert box_confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([expected], rel=1e-5)
+
+
+def test_rules_are_probabilities():
+    for rule in CONFIDENCE_RULES.values():
+        assert 0.0 <= rule([-3.0, -0.1, 0.0]) <= 1.0
