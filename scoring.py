@@ -10,6 +10,7 @@ import os
 import warnings
 
 import torch
+from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -198,3 +199,32 @@ def summary_table(model_name, metrics) -> str:
         f"{name} [{low:g}, {high:g})" for name, (low, high) in SIZE_BUCKETS.items()
     )
     return "\n".join([header, "|---" * header.count(" |") + "|", row, legend])
+
+
+def detection_map(samples) -> dict:
+    """COCO mAP@[.5:.95], AP50 and AP75 (torchmetrics MeanAveragePrecision, pycocotools backend: the
+    reference implementation) over samples given as (true boxes, predicted boxes, confidences), each
+    sample one image and the query its one class; twice: with the confidences, and with every score set
+    to 1, as evaluations of text-answering models usually report it ("_const")."""
+    metrics = {}
+    for suffix, constant in (("", False), ("_const", True)):
+        mean_ap = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        for true_boxes, predicted_boxes, confidences in samples:
+            scores = [1.0] * len(predicted_boxes) if constant else confidences
+            mean_ap.update(
+                [{"boxes": _box_tensor(predicted_boxes), "scores": torch.tensor(scores), "labels": _one_class(predicted_boxes)}],
+                [{"boxes": _box_tensor(true_boxes), "labels": _one_class(true_boxes)}],
+            )
+        result = mean_ap.compute()
+        # -1 is pycocotools' "no true box at all": no mAP to report.
+        for key in ("map", "map_50", "map_75"):
+            metrics[key + suffix] = float(result[key]) if float(result[key]) >= 0 else None
+    return metrics
+
+
+def _box_tensor(boxes) -> torch.Tensor:
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+def _one_class(boxes) -> torch.Tensor:
+    return torch.zeros(len(boxes), dtype=torch.long)
