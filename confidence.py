@@ -7,6 +7,9 @@ the words and brackets around them, which the model writes with near certainty, 
 
 import math
 
+import torch
+from torchmetrics.functional.classification import binary_calibration_error
+
 from answers import box_number_spans
 
 # Candidates, compared on a validation split in docs/confidence.md.
@@ -40,3 +43,45 @@ def box_confidences(tokenizer, token_ids, token_logprobs, kind, rule=DEFAULT_CON
         ]
         confidences.append(CONFIDENCE_RULES[rule](logprobs) if logprobs else 0.0)
     return confidences
+
+
+# ---------------------------------------------------------------- what the confidences are worth
+COVERAGES = (0.25, 0.5, 0.75, 1.0)
+RELIABILITY_BINS = 10
+
+
+def selective_accuracy(confidences, correct, coverages=COVERAGES) -> list[dict]:
+    """Accuracy of the most confident fraction of answers, for each coverage: what answering only when
+    sure buys. confidences and correct (bools) are per answer (or per box)."""
+    ranked = [hit for _, hit in sorted(zip(confidences, correct), key=lambda pair: -pair[0])]
+    rows = []
+    for coverage in coverages:
+        kept = ranked[: max(1, round(coverage * len(ranked)))] if ranked else []
+        rows.append({"coverage": coverage, "count": len(kept), "accuracy": sum(kept) / len(kept) if kept else None})
+    return rows
+
+
+def reliability(confidences, correct, bins=RELIABILITY_BINS) -> tuple[float | None, list[dict]]:
+    """Expected calibration error (torchmetrics' binary ECE, L1) and the reliability diagram's bins: per
+    equal-width confidence bin, its count, mean confidence and accuracy."""
+    if not confidences:
+        return None, []
+    scores, targets = torch.tensor(confidences, dtype=torch.float64), torch.tensor(correct, dtype=torch.long)
+    ece = float(binary_calibration_error(scores, targets, n_bins=bins, norm="l1"))
+    # torchmetrics' bins: (low, high] by bucketize on the edges, a confidence of 0 in the first bin.
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = (torch.bucketize(scores, edges, right=False) - 1).clamp(min=0)
+    table = []
+    for number in range(bins):
+        members = index == number
+        count = int(members.sum())
+        table.append(
+            {
+                "low": float(edges[number]),
+                "high": float(edges[number + 1]),
+                "count": count,
+                "confidence": float(scores[members].mean()) if count else None,
+                "accuracy": float(targets[members].double().mean()) if count else None,
+            }
+        )
+    return ece, table

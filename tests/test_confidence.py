@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from answers import BOX, BOXES
-from confidence import CONFIDENCE_RULES, box_confidences
+from confidence import CONFIDENCE_RULES, box_confidences, reliability, selective_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,19 @@ def test_confidences_from_hand_written_logits_through_compute_transition_scores(
 def test_rules_are_probabilities():
     for rule in CONFIDENCE_RULES.values():
         assert 0.0 <= rule([-3.0, -0.1, 0.0]) <= 1.0
+
+
+def test_selective_accuracy_keeps_the_most_confident_answers():
+    confidences = [0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4]
+    correct = [True, False, True, False, False, True, True, False]
+    table = selective_accuracy(confidences, correct)
+    assert [(row["count"], row["accuracy"]) for row in table] == [(2, 1.0), (4, 0.75), (6, 0.5), (8, 0.5)]
+
+
+def test_reliability_bins_and_expected_calibration_error_by_hand():
+    """Half the answers said 0.95 and half of those were right; the other half said 0.15 and none was:
+    ECE = 0.5 * |0.95 - 0.5| + 0.5 * |0.15 - 0| = 0.3."""
+    ece, bins = reliability([0.95, 0.95, 0.15, 0.15], [True, False, False, False])
+    assert ece == pytest.approx(0.3)
+    filled = [value for b in bins if b["count"] for value in (b["low"], b["count"], b["confidence"], b["accuracy"])]
+    assert filled == pytest.approx([0.1, 2, 0.15, 0.0, 0.9, 2, 0.95, 0.5])
