@@ -21,24 +21,33 @@ CONFIDENCE_RULES = {
 DEFAULT_CONFIDENCE_RULE = "mean"
 
 
-def token_starts(tokenizer, token_ids) -> list[int]:
-    """The character offset at which each token's text begins in decode(token_ids, skip_special_tokens=True)."""
-    return [len(tokenizer.decode(token_ids[:index], skip_special_tokens=True)) for index in range(len(token_ids))]
+def token_pieces(tokenizer, token_ids) -> list[str]:
+    """The text each generated token adds to decode(token_ids, skip_special_tokens=True) ("" for special
+    tokens): what an OpenAI-compatible server returns as its logprobs' tokens. A character split over
+    several byte tokens is given to the token that completes it."""
+    pieces, emitted = [], ""
+    for end in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+        if text.endswith("\ufffd") and end < len(token_ids):  # an unfinished UTF-8 character
+            pieces.append("")
+            continue
+        pieces.append(text[len(emitted) :])
+        emitted = text
+    return pieces
 
 
-def box_confidences(tokenizer, token_ids, token_logprobs, kind, rule=DEFAULT_CONFIDENCE_RULE) -> list[float]:
-    """One confidence in [0, 1] per box of the decoded answer, in parse order (answers.box_number_spans).
-
-    token_ids / token_logprobs: the generated tokens of one sample and their log-probabilities."""
-    token_ids, token_logprobs = list(token_ids), [float(v) for v in token_logprobs]
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
-    starts = token_starts(tokenizer, token_ids)
-    ends = starts[1:] + [len(text)]
+def box_confidences(pieces, token_logprobs, kind, rule=DEFAULT_CONFIDENCE_RULE) -> list[float]:
+    """One confidence in [0, 1] per box of the answer "".join(pieces), in parse order (answers.box_number_spans):
+    the rule applied to the log-probabilities of the tokens that overlap the box's four numbers."""
+    token_logprobs = [float(v) for v in token_logprobs]
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
     confidences = []
-    for number_spans in box_number_spans(text, kind):
+    for number_spans in box_number_spans("".join(pieces), kind):
         logprobs = [
             logprob
-            for start, end, logprob in zip(starts, ends, token_logprobs)
+            for start, end, logprob in zip(starts, starts[1:], token_logprobs)
             if end > start and any(start < span_end and span_start < end for span_start, span_end in number_spans)
         ]
         confidences.append(CONFIDENCE_RULES[rule](logprobs) if logprobs else 0.0)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from answers import BOX, BOXES
-from confidence import CONFIDENCE_RULES, box_confidences, reliability, selective_accuracy
+from confidence import CONFIDENCE_RULES, box_confidences, token_pieces, reliability, selective_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,10 @@ def tokenizer(tiny_model_dir):
 
 def answer_ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def confidences(tokenizer, ids, logprobs, kind, rule="mean"):
+    return box_confidences(token_pieces(tokenizer, ids), logprobs, kind, rule)
 
 
 def hand_logprobs(tokenizer, ids, probability_of_digit):
@@ -29,17 +33,17 @@ def test_each_box_gets_the_probabilities_of_its_own_numbers(tokenizer):
     ids = answer_ids(tokenizer, text)
     # Digits of the first box at 0.8, of the second at 0.5; the unfinished third box is not a box.
     logprobs = hand_logprobs(tokenizer, ids, lambda digit: 0.5 if digit == "9" else 0.8)
-    assert box_confidences(tokenizer, ids, logprobs, BOXES, "mean") == pytest.approx([0.8, 0.5])
-    assert box_confidences(tokenizer, ids, logprobs, BOXES, "product") == pytest.approx([0.8**8, 0.5**4])
-    assert box_confidences(tokenizer, ids, logprobs, BOXES, "min") == pytest.approx([0.8, 0.5])
+    assert confidences(tokenizer, ids, logprobs, BOXES, "mean") == pytest.approx([0.8, 0.5])
+    assert confidences(tokenizer, ids, logprobs, BOXES, "product") == pytest.approx([0.8**8, 0.5**4])
+    assert confidences(tokenizer, ids, logprobs, BOXES, "min") == pytest.approx([0.8, 0.5])
 
 
 def test_single_box_and_no_box(tokenizer):
     ids = answer_ids(tokenizer, '{"bbox_2d": [10, 20, 30, 40]}')
     logprobs = hand_logprobs(tokenizer, ids, lambda digit: {"1": 0.2, "2": 0.4}.get(digit, 1.0))
-    assert box_confidences(tokenizer, ids, logprobs, BOX, "min") == pytest.approx([0.2])
-    assert box_confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([(0.2 * 0.4) ** (1 / 8)])
-    assert box_confidences(tokenizer, answer_ids(tokenizer, "[]"), [0.0, 0.0, 0.0], BOXES) == []
+    assert confidences(tokenizer, ids, logprobs, BOX, "min") == pytest.approx([0.2])
+    assert confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([(0.2 * 0.4) ** (1 / 8)])
+    assert confidences(tokenizer, answer_ids(tokenizer, "[]"), [0.0, 0.0, 0.0], BOXES) == []
 
 
 def test_confidences_from_hand_written_logits_through_compute_transition_scores(tiny_model_dir, tokenizer):
@@ -59,7 +63,7 @@ def test_confidences_from_hand_written_logits_through_compute_transition_scores(
     model.generation_config = GenerationConfig()
     logprobs = model.compute_transition_scores(sequences, tuple(scores), normalize_logits=True)[0]
     expected = math.prod(expected_digit_probabilities) ** (1 / len(expected_digit_probabilities))
-    assert box_confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([expected], rel=1e-5)
+    assert confidences(tokenizer, ids, logprobs, BOX, "mean") == pytest.approx([expected], rel=1e-5)
 
 
 def test_rules_are_probabilities():
@@ -81,3 +85,10 @@ def test_reliability_bins_and_expected_calibration_error_by_hand():
     assert ece == pytest.approx(0.3)
     filled = [value for b in bins if b["count"] for value in (b["low"], b["count"], b["confidence"], b["accuracy"])]
     assert filled == pytest.approx([0.1, 2, 0.15, 0.0, 0.9, 2, 0.95, 0.5])
+
+
+def test_pieces_rebuild_the_decoded_answer(tokenizer):
+    ids = answer_ids(tokenizer, '[{"bbox_2d": [12, 34, 56, 78], "label": "été"}]')
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids) and pieces[-1] == ""
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
