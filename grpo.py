@@ -29,6 +29,7 @@ import training
 from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
 from rewards import REWARD_FUNCTIONS, reward_functions
 from utils import (
+    CHAT_TEMPLATE_KWARGS,
     ImageSettings,
     build_messages,
     check_processor_kept_frame,
@@ -146,6 +147,8 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     training.name_run_dir(training_args)
     training.check_config(data_args, training_args, model_args, lora_args)
     rewards = reward_functions(reward_args.reward_funcs)
+    # The same prompt as sft.py's and infer.py's (utils.render_prompt); the user's own keys win.
+    training_args.chat_template_kwargs = {**CHAT_TEMPLATE_KWARGS, **(training_args.chat_template_kwargs or {})}
     family = detect_family(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code

@@ -15,13 +15,13 @@ from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IGNORE_INDEX,
     ImageSettings,
-    build_messages,
     check_processor_kept_frame,
     format_answer,
     image_size,
     load_image,
     model_frame_size,
     read_answer_box,
+    render_prompt,
     to_model_frame,
 )
 
@@ -61,6 +61,9 @@ class GroundingCollator:
         if too_long not in TOO_LONG_ACTIONS:
             raise ValueError(f"too_long must be one of {TOO_LONG_ACTIONS}, got {too_long!r}")
         family = family or family_of_processor(processor)
+        if padding == "packed" and (reason := family.packing_refusal()):
+            raise ValueError(f"padding 'packed' is refused for {family.model_type}: {reason}. Use padding: longest")
+        self.family = family
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_seq_length = max_seq_length
@@ -77,7 +80,7 @@ class GroundingCollator:
         except ValueError as error:
             raise ValueError(f"sample with image {example['image'][0]}: {error}") from error
         answer = format_answer(box_to_answer(box, self.image_settings.coordinate_system, original_size, frame_size))
-        prompt = self.processor.apply_chat_template(build_messages(example["user"]), add_generation_prompt=True)
+        prompt = render_prompt(self.processor, example["user"])
         return prompt, answer + "<|im_end|>"
 
     def token_count(self, example) -> int:
@@ -176,6 +179,7 @@ class GroundingCollator:
             "labels": torch.cat([s["labels"] for s in samples])[None],
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
             "position_ids": position_ids,
+            **self.family.packed_sequence_kwargs([len(s["input_ids"]) for s in samples]),
             # transformers only builds the per-sample mask from position ids when no KV cache exists.
             "use_cache": False,
         }
