@@ -40,6 +40,17 @@ def build_messages(question: str, kind: str = BOX) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
+# Qwen3.5's template opens a think block after the generation prompt unless enable_thinking is false; then it
+# writes the empty block "<think>\n\n</think>\n\n", as it renders a past answer given without reasoning. So the
+# answer follows the same prompt in training, inference and GRPO. Other families' templates ignore the switch.
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+def render_prompt(processor, question: str, kind: str = BOX) -> str:
+    """The chat prompt the answer follows: one user turn, then the assistant's turn opened."""
+    return processor.apply_chat_template(build_messages(question, kind), add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+
+
 def format_answer(box) -> str:
     """The assistant's answer for a box, in Qwen2.5-VL's grounding format."""
     return json.dumps({"bbox_2d": [int(round(v)) for v in box]})

@@ -26,7 +26,7 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 import checkpoints
 import training
-from answers import build_messages, read_answer_box
+from answers import CHAT_TEMPLATE_KWARGS, build_messages, read_answer_box
 from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
 from rewards import REWARD_FUNCTIONS, reward_functions
 from utils import (
@@ -97,7 +97,7 @@ def starting_image_settings(model_args, data_args, processor, family: ModelFamil
 
 
 def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Dataset:
-    """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (utils.build_messages), `image` (decoded
+    """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (answers.build_messages), `image` (decoded
     when a row is read, already in the model frame) and `solution` (the true box in that frame, in the family's coordinates).
 
     Every image is opened and every answer parsed now, so bad input stops before the model loads, with
@@ -145,6 +145,8 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     training.name_run_dir(training_args)
     training.check_config(data_args, training_args, model_args, lora_args)
     rewards = reward_functions(reward_args.reward_funcs)
+    # The same prompt as sft.py's and infer.py's (answers.render_prompt); the user's own keys win.
+    training_args.chat_template_kwargs = {**CHAT_TEMPLATE_KWARGS, **(training_args.chat_template_kwargs or {})}
     family = detect_family(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code

@@ -5,16 +5,22 @@ A family is detected from the model's config.json `model_type`. It decides:
                      the model receives), Qwen3-VL in integers 0-1000 of that frame
                      (`round(x / width * 1000)`);
   rope index         transformers' own `get_rope_index` of the family's model class;
-  projector modules  the visual modules that map vision features into the language model.
+  projector modules  the visual modules that map vision features into the language model;
+  packing            whether packed batches keep samples apart here (Qwen3.5's Gated DeltaNet layers need kernels).
 Patch and merge sizes are not stored here: they are read from the processor (ImageSettings).
 """
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5Model
+from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeModel
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
@@ -32,9 +38,40 @@ class ModelFamily:
     coordinate_system: str
     base_model_class: type  # its get_rope_index defines the position ids
     projector_modules: tuple[str, ...]
+    # Gated DeltaNet (linear attention) layers carry a recurrent state, and a short convolution, along the whole
+    # row: in a packed row both run from one sample into the next unless kernels are told where samples start.
+    linear_attention: bool = False
 
     def rope_index(self, spatial_merge_size: int) -> "RopeIndex":
         return RopeIndex(self.base_model_class, spatial_merge_size)
+
+    def packing_refusal(self) -> str | None:
+        """Why packed batches would train on mixed samples here, or None when they keep samples apart."""
+        if not self.linear_attention or linear_attention_kernels_available():
+            return None
+        return (
+            f"{self.name}'s Gated DeltaNet layers keep packed samples apart only with the flash-linear-attention "
+            "and causal-conv1d kernels (CUDA), which are not installed or have no GPU here; transformers' torch "
+            "fallback runs every packed row as one sequence, so each sample would read the one before it"
+        )
+
+    def packed_sequence_kwargs(self, lengths: list[int]) -> dict:
+        """Batch keys that tell the linear-attention kernels where each packed sample starts: `cu_seq_lens_q`
+        becomes chunk_gated_delta_rule's `cu_seqlens`, `seq_idx` causal_conv1d_fn's. transformers' torch
+        fallback refuses both, so they are sent only to families that read them."""
+        if not self.linear_attention:
+            return {}
+        lengths = torch.tensor(lengths)
+        return {
+            "cu_seq_lens_q": F.pad(lengths.cumsum(0), (1, 0)),
+            "seq_idx": torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)[None],
+        }
+
+
+def linear_attention_kernels_available() -> bool:
+    """transformers (5.24) uses flash-linear-attention's chunk_gated_delta_rule and causal-conv1d's
+    causal_conv1d_fn whenever they import; both are Triton/CUDA kernels."""
+    return torch.cuda.is_available() and all(importlib.util.find_spec(name) for name in ("fla", "causal_conv1d"))
 
 
 FAMILIES = {
@@ -46,15 +83,17 @@ FAMILIES = {
         ModelFamily(
             "qwen3_vl_moe", "Qwen3-VL-MoE", MODEL_FRAME_0_1000, Qwen3VLMoeModel, ("merger", "deepstack_merger_list")
         ),
+        # Qwen3.5: Qwen3-VL's vision path without DeepStack; boxes in 0-1000 as Qwen3-VL's (docs/families.md).
+        ModelFamily("qwen3_5", "Qwen3.5", MODEL_FRAME_0_1000, Qwen3_5Model, ("merger",), linear_attention=True),
+        ModelFamily(
+            "qwen3_5_moe", "Qwen3.5-MoE", MODEL_FRAME_0_1000, Qwen3_5MoeModel, ("merger",), linear_attention=True
+        ),
     )
 }
 # Known to transformers, close to a supported family, and still refused: why, so users know what is missing.
 REFUSED = {
     "qwen2_vl": "Qwen2-VL answers in 0-1000 with <|box_start|>(x1,y1),(x2,y2)<|box_end|>, "
     "a format this repo does not train",
-    "qwen3_5": "Qwen3.5's vision path and rope index are Qwen3-VL's, but its grounding coordinate convention is "
-    "not verified here and its Gated DeltaNet layers need flash-linear-attention kernels to keep packed samples apart",
-    "qwen3_5_moe": "see qwen3_5",
 }
 
 

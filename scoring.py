@@ -14,7 +14,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from answers import build_messages, parse_bbox, read_answer_box
+from answers import parse_bbox, read_answer_box, render_prompt
 from model_families import box_from_answer
 from utils import box_ious, check_processor_kept_frame, load_image, to_model_frame
 
@@ -72,7 +72,7 @@ def generate_boxes(model, processor, batch, images, originals, settings, max_new
     """One generate call for the readable samples of a batch; boxes mapped from the model frame to original pixels."""
     if not batch:
         return []
-    prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch]
+    prompts = [render_prompt(processor, row["user"]) for row in batch]
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt").to(model.device)
     for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
         check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, settings.patch_size)

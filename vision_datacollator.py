@@ -15,11 +15,11 @@ from answers import (
     BOX,
     BOXES,
     answer_kind,
-    build_messages,
     format_answer,
     format_boxes_answer,
     read_answer_box,
     read_answer_boxes,
+    render_prompt,
 )
 from model_families import box_to_answer, family_of_processor
 from utils import (
@@ -69,6 +69,9 @@ class GroundingCollator:
         if too_long not in TOO_LONG_ACTIONS:
             raise ValueError(f"too_long must be one of {TOO_LONG_ACTIONS}, got {too_long!r}")
         family = family or family_of_processor(processor)
+        if padding == "packed" and (reason := family.packing_refusal()):
+            raise ValueError(f"padding 'packed' is refused for {family.model_type}: {reason}. Use padding: longest")
+        self.family = family
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_seq_length = max_seq_length
@@ -96,7 +99,7 @@ class GroundingCollator:
                 answer = example["assistant"]
         except ValueError as error:
             raise ValueError(f"sample with image {example['image'][0]}: {error}") from error
-        prompt = self.processor.apply_chat_template(build_messages(example["user"], kind), add_generation_prompt=True)
+        prompt = render_prompt(self.processor, example["user"], kind)
         return prompt, answer + "<|im_end|>"
 
     def token_count(self, example) -> int:
@@ -195,6 +198,7 @@ class GroundingCollator:
             "labels": torch.cat([s["labels"] for s in samples])[None],
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],
             "position_ids": position_ids,
+            **self.family.packed_sequence_kwargs([len(s["input_ids"]) for s in samples]),
             # transformers only builds the per-sample mask from position ids when no KV cache exists.
             "use_cache": False,
         }

@@ -39,7 +39,7 @@ QWEN2_5_VL_HAS_MROPE_FUNCTION = hasattr(modeling_qwen2_5_vl, "apply_multimodal_r
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
-from answers import build_messages  # noqa: E402
+from answers import render_prompt  # noqa: E402
 from model_families import detect_family  # noqa: E402
 from scoring import predict  # noqa: E402
 from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, load_image, to_model_frame  # noqa: E402
@@ -218,11 +218,11 @@ def bench_encode_stages(processor, rows, args, family):
     settings = ImageSettings.from_processor(processor, args.max_image_side, family)
     images = [load_image(row["image"][0]) for row in rows]
     framed = [to_model_frame(image, settings) for image in images]
-    prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in rows]
+    prompts = [render_prompt(processor, row["user"]) for row in rows]
     stages = {
         "load_image (JPEG decode, RGB)": lambda i: load_image(rows[i]["image"][0]),
         "to_model_frame (PIL bicubic resize)": lambda i: to_model_frame(images[i], settings),
-        "chat template": lambda i: processor.apply_chat_template(build_messages(rows[i]["user"]), add_generation_prompt=True),
+        "chat template": lambda i: render_prompt(processor, rows[i]["user"]),
         "processor (tokens + pixel values)": lambda i: processor(text=[prompts[i]], images=[framed[i]], return_tensors="pt"),
         # The frame is already a multiple of 28 px: the processor's own resize keeps it (same pixels).
         "processor, its no-op resize skipped": lambda i: processor(

@@ -4,6 +4,7 @@
 #
 #   bash scripts/demo.sh                    # about 15 minutes on 2 CPU cores
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
+#   bash scripts/demo.sh --family qwen3_5   # the same with a tiny Qwen3.5 (Gated DeltaNet layers, answers in 0-1000)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --num_val 8 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
 #   bash scripts/demo.sh --grpo             # then GRPO from the SFT model (grpo.py, configs/demo_grpo_tiny_cpu.yaml)
@@ -50,7 +51,8 @@ source "$(dirname "$0")/setup_env.sh"
 case "$FAMILY" in  # each family's model and runs in their own folders
     qwen2_5_vl) MODEL="$WORKDIR/models/tiny-qwen2.5-vl"; RUN=demo_tiny_cpu; EVAL="$WORKDIR/outputs/demo_eval" ;;
     qwen3_vl) MODEL="$WORKDIR/models/tiny-qwen3-vl"; RUN=demo_tiny_cpu_qwen3_vl; EVAL="$WORKDIR/outputs/demo_eval_qwen3_vl" ;;
-    *) echo "demo.sh: unknown --family '$FAMILY' (qwen2_5_vl or qwen3_vl)" >&2; exit 2 ;;
+    qwen3_5) MODEL="$WORKDIR/models/tiny-qwen3.5"; RUN=demo_tiny_cpu_qwen3_5; EVAL="$WORKDIR/outputs/demo_eval_qwen3_5" ;;
+    *) echo "demo.sh: unknown --family '$FAMILY' (qwen2_5_vl, qwen3_vl or qwen3_5)" >&2; exit 2 ;;
 esac
 SOURCE="$WORKDIR/data/demo_source"  # the synthetic dataset in TextVQA_GT_bbox's own layout
 DATA="$WORKDIR/data/demo"           # the converter's JSONL + images

@@ -1,13 +1,14 @@
-"""Build a tiny, randomly initialised Qwen2.5-VL or Qwen3-VL offline: tokenizer, processor and model.
+"""Build a tiny, randomly initialised Qwen2.5-VL, Qwen3-VL or Qwen3.5 offline: tokenizer, processor and model.
 
 It is the family's real model class (`Qwen2_5_VLForConditionalGeneration`,
-`Qwen3VLForConditionalGeneration`) and processor class with few layers, saved so that
-`AutoProcessor.from_pretrained(DIR)` and `AutoModelForImageTextToText.from_pretrained(DIR)` load it
-exactly as they load Qwen/Qwen2.5-VL-3B-Instruct or Qwen/Qwen3-VL-4B-Instruct. Tests and the CPU
-demo train it.
+`Qwen3VLForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`) and processor class with few
+layers, saved so that `AutoProcessor.from_pretrained(DIR)` and
+`AutoModelForImageTextToText.from_pretrained(DIR)` load it exactly as they load
+Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-4B-Instruct or Qwen/Qwen3.5-0.8B. Tests and the CPU demo train it.
 
     python scripts/make_tiny_model.py --output_dir models/tiny-qwen2.5-vl
     python scripts/make_tiny_model.py --family qwen3_vl --output_dir models/tiny-qwen3-vl
+    python scripts/make_tiny_model.py --family qwen3_5 --output_dir models/tiny-qwen3.5
 """
 
 import argparse
@@ -23,6 +24,8 @@ from transformers import (
     Qwen2TokenizerFast,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
@@ -46,9 +49,11 @@ QWEN3_EXTRA_TOKENS = [
     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
 ]  # fmt: skip
 # Qwen3-VL-Instruct's chat_template.json, unchanged: no default system prompt, unlike Qwen2.5-VL's.
-QWEN3_VL_CHAT_TEMPLATE_FILE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "templates", "qwen3_vl_chat_template.jinja"
-)
+TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+QWEN3_VL_CHAT_TEMPLATE_FILE = os.path.join(TEMPLATES_DIR, "qwen3_vl_chat_template.jinja")
+# Qwen3.5's chat_template.jinja (Qwen/Qwen3.5-*, one template for the family), unchanged; its public copy is
+# named in docs/families.md. It thinks by default: utils.render_prompt turns thinking off.
+QWEN3_5_CHAT_TEMPLATE_FILE = os.path.join(TEMPLATES_DIR, "qwen3_5_chat_template.jinja")
 
 # Qwen2.5-VL-Instruct's chat template (default system prompt, image/video placeholders).
 CHAT_TEMPLATE = (
@@ -179,11 +184,12 @@ def build_qwen2_5_vl(args):
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
-def build_qwen3_vl(args):
-    with open(QWEN3_VL_CHAT_TEMPLATE_FILE) as f:
+def qwen3_vl_processor(args, chat_template_file):
+    """Qwen3-VL's processor, which Qwen3.5 uses too (transformers' processor mapping), and its patch and merge sizes."""
+    with open(chat_template_file) as f:
         chat_template = f.read()
     tokenizer = build_tokenizer(args.vocab_size, chat_template, QWEN3_EXTRA_TOKENS)
-    patch_size, merge_size = 16, 2  # Qwen3-VL's preprocessor_config.json
+    patch_size, merge_size = 16, 2  # Qwen3-VL's and Qwen3.5's preprocessor_config.json
     factor = patch_size * merge_size
     # Qwen3-VL's own min_pixels (65536) would enlarge the demo's 112 px images to 256 px: 4x the tokens.
     image_processor = Qwen2VLImageProcessor(
@@ -201,23 +207,53 @@ def build_qwen3_vl(args):
         tokenizer=tokenizer,
         chat_template=chat_template,
     )
+    vision = dict(
+        **vision_sizes(args),
+        patch_size=patch_size,
+        spatial_merge_size=merge_size,
+        temporal_patch_size=2,
+        num_position_embeddings=16 * 16,  # a learned 16 x 16 grid, interpolated to each image's
+    )
+    return processor, vision
+
+
+def build_qwen3_vl(args):
+    processor, vision = qwen3_vl_processor(args, QWEN3_VL_CHAT_TEMPLATE_FILE)
     config = Qwen3VLConfig(
-        text_config=text_config(args, tokenizer, interleaved=True),
-        vision_config=dict(
-            **vision_sizes(args),
-            patch_size=patch_size,
-            spatial_merge_size=merge_size,
-            temporal_patch_size=2,
-            num_position_embeddings=16 * 16,  # a learned 16 x 16 grid, interpolated to each image's
-            deepstack_visual_indexes=[0],
-        ),
+        text_config=text_config(args, processor.tokenizer, interleaved=True),
+        vision_config=dict(**vision, deepstack_visual_indexes=[0]),
         tie_word_embeddings=args.tie_word_embeddings,
-        **vision_token_ids(tokenizer),
+        **vision_token_ids(processor.tokenizer),
     )
     return Qwen3VLForConditionalGeneration(config), processor
 
 
-BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}
+def build_qwen3_5(args):
+    processor, vision = qwen3_vl_processor(args, QWEN3_5_CHAT_TEMPLATE_FILE)
+    text = text_config(args, processor.tokenizer, interleaved=True)
+    # The real models rotate a quarter of each head (partial_rotary_factor 0.25 of 256); a tiny head of 16
+    # would keep 2 frequencies for 3 mRoPE axes, so the tiny one rotates all of it.
+    text["rope_parameters"]["partial_rotary_factor"] = 1.0
+    config = Qwen3_5Config(
+        text_config=dict(
+            **text,
+            # Qwen3.5's layout: three Gated DeltaNet (linear attention) layers, then one full attention layer.
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+            * max(1, args.num_layers // 4),
+            linear_num_key_heads=max(1, args.num_heads // 2),
+            linear_num_value_heads=args.num_heads,
+            linear_key_head_dim=args.hidden_size // args.num_heads,
+            linear_value_head_dim=args.hidden_size // args.num_heads,
+            linear_conv_kernel_dim=4,
+        ),
+        vision_config=vision,
+        tie_word_embeddings=args.tie_word_embeddings,
+        **vision_token_ids(processor.tokenizer),
+    )
+    return Qwen3_5ForConditionalGeneration(config), processor
+
+
+BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl, "qwen3_5": build_qwen3_5}
 
 
 def main():

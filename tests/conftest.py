@@ -65,6 +65,13 @@ def tiny_qwen3_vl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_5_dir(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("tiny_qwen3_5")
+    run_script("scripts/make_tiny_model.py", "--family", "qwen3_5", "--output_dir", output_dir)
+    return str(output_dir)
+
+
+@pytest.fixture(scope="session")
 def synthetic_dataset_dir(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("synthetic_textvqa")
     run_script("scripts/make_synthetic_data.py", "--output_dir", output_dir, "--num_samples", 40, "--seed", 1)

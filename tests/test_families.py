@@ -1,6 +1,7 @@
-"""Model families: each family's answers mapped back to original pixels by infer.py, Qwen3-VL
-through every entry point (sft.py, LoRA, merge_model.py, infer.py), and the refusals (unsupported
-family, settings file of another family). The collator's per-family checks live in test_collator.py."""
+"""Model families: each family's answers mapped back to original pixels by infer.py, Qwen3-VL and Qwen3.5
+through every entry point (sft.py, LoRA, merge_model.py, infer.py; grpo.py for Qwen3.5), Qwen3.5's targets,
+prompt, rope index and packing refusal, and the refusals (unsupported family, settings file of another
+family). The collator's per-family checks live in test_collator.py."""
 
 import json
 import os
@@ -14,10 +15,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import scoring
 import training
-from answers import format_answer, parse_bbox
+from answers import build_messages, format_answer, parse_bbox, read_answer_box, render_prompt
 from conftest import run_script, train, train_lora
-from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family
-from utils import IMAGE_SETTINGS_FILE, ImageSettings
+from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family, linear_attention_kernels_available
+from test_collator import per_sample_losses
+from test_grpo import grpo, step_records
+from utils import IMAGE_SETTINGS_FILE, ImageSettings, load_sft_jsonl, model_frame_size
+from vision_datacollator import GroundingCollator
 
 QWEN2_5_VL, QWEN3_VL = FAMILIES["qwen2_5_vl"], FAMILIES["qwen3_vl"]
 
@@ -134,25 +138,37 @@ def answering_qwen3_vl(tiny_qwen3_vl_dir, data_dir, tmp_path_factory):
     )  # fmt: skip
 
 
-def test_sft_lora_merge_infer_on_qwen3_vl(answering_qwen3_vl, data_dir, tmp_path):
-    with open(os.path.join(answering_qwen3_vl, IMAGE_SETTINGS_FILE)) as f:
+@pytest.fixture(scope="module")
+def answering_qwen3_5(tiny_qwen3_5_dir, data_dir, tmp_path_factory):
+    """The tiny Qwen3.5 fully trained by sft.py until it answers the first 4 test samples."""
+    output_dir = tmp_path_factory.mktemp("answering_qwen3_5") / "model"
+    return train(
+        tiny_qwen3_5_dir, data_dir / "first4.jsonl", output_dir,
+        "--max_steps", 150, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_5"])
+def test_sft_lora_merge_infer(model_type, data_dir, tmp_path, request):
+    answering_model = request.getfixturevalue(f"answering_{model_type}")
+    with open(os.path.join(answering_model, IMAGE_SETTINGS_FILE)) as f:
         saved = json.load(f)
-    assert (saved["model_family"], saved["coordinate_system"]) == ("qwen3_vl", MODEL_FRAME_0_1000)
+    assert (saved["model_family"], saved["coordinate_system"]) == (model_type, MODEL_FRAME_0_1000)
     test_set = ["--test_dataset_name", data_dir / "test.jsonl", "--num_vis", 0]
-    full = infer_cli("--model_name_or_path", answering_qwen3_vl, *test_set, output_dir=tmp_path / "full")
+    full = infer_cli("--model_name_or_path", answering_model, *test_set, output_dir=tmp_path / "full")
     # It learned 0-1000 answers; read back as original pixels they land on the memorised boxes.
     raw_boxes = [parse_bbox(p["raw_output"]) for p in full[:4]]
     assert all(box and all(0 <= v <= 1000 for v in box) for box in raw_boxes), [p["raw_output"] for p in full]
     assert sum(p["iou"] > 0.5 for p in full[:4]) >= 3, [p["raw_output"] for p in full]
 
-    adapter_dir = train_lora(answering_qwen3_vl, data_dir / "test.jsonl", tmp_path / "lora", max_steps=20)
+    adapter_dir = train_lora(answering_model, data_dir / "test.jsonl", tmp_path / "lora", max_steps=20)
     merged_dir = tmp_path / "merged"
-    merge = ["--base_model", answering_qwen3_vl, "--adapter", adapter_dir, "--output_dir", merged_dir]
+    merge = ["--base_model", answering_model, "--adapter", adapter_dir, "--output_dir", merged_dir]
     run_script("scripts/merge_model.py", *merge)
-    assert AutoModelForImageTextToText.from_pretrained(merged_dir).config.model_type == "qwen3_vl"
+    assert AutoModelForImageTextToText.from_pretrained(merged_dir).config.model_type == model_type
     merged = infer_cli("--model_name_or_path", merged_dir, *test_set, output_dir=tmp_path / "merged_eval")
     adapted = infer_cli(
-        "--model_name_or_path", answering_qwen3_vl, "--adapter", adapter_dir, *test_set,
+        "--model_name_or_path", answering_model, "--adapter", adapter_dir, *test_set,
         output_dir=tmp_path / "lora_eval",
     )
     assert merged == adapted
@@ -170,7 +186,7 @@ def copy_model(model_dir, destination, model_type=None):
     return str(destination)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "llava"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava"])
 def test_unsupported_family_is_refused_naming_it_and_the_supported_ones(
     tiny_qwen3_vl_dir, data_dir, tmp_path, model_type
 ):
@@ -192,3 +208,103 @@ def test_settings_of_another_family_are_refused_naming_both(tiny_qwen3_vl_dir, t
     settings_file = f"{model_dir}/{IMAGE_SETTINGS_FILE}"
     for named in (settings_file, "qwen2_5_vl", "model_frame_pixels", "qwen3_vl", "model_frame_0_1000"):
         assert named in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- Qwen3.5
+QWEN3_5 = FAMILIES["qwen3_5"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tiny_qwen3_5_dir):
+    """(processor, model) of the tiny Qwen3.5, as sft.py loads them."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen3_5_dir).eval()
+    return AutoProcessor.from_pretrained(tiny_qwen3_5_dir), model
+
+
+def test_qwen3_5_targets_are_0_1000_after_the_same_prompt_as_inference(qwen3_5, tiny_qwen3_5_dir, collator_rows):
+    processor, _ = qwen3_5
+    assert detect_family(tiny_qwen3_5_dir) is QWEN3_5 and type(processor).__name__ == "Qwen3VLProcessor"
+    collator = GroundingCollator(processor, max_img_side_length=224, family=QWEN3_5)
+    assert (collator.image_settings.patch_size, collator.image_settings.merge_size) == (16, 2)
+    for row in collator_rows[:4]:
+        original_size = Image.open(row["image"][0]).size
+        frame = model_frame_size(*original_size, collator.image_settings)
+        prompt, answer = collator.prompt_and_answer(row, original_size, frame)
+        box = read_answer_box(row["assistant"])
+        expected = [round(v / original_size[i % 2] * 1000) for i, v in enumerate(box)]
+        assert max(abs(a - b) for a, b in zip(parse_bbox(answer), expected)) <= 1, (answer, expected)
+        # Qwen3.5's template writes a finished answer after an empty think block; trained prompt + answer must be
+        # that text, and the prompt the one infer.py and grpo.py render, so no think block is in the answer.
+        conversation = build_messages(row["user"]) + [{"role": "assistant", "content": answer.removesuffix("<|im_end|>")}]
+        assert prompt + answer + "\n" == processor.apply_chat_template(conversation)
+        assert prompt == render_prompt(processor, row["user"]) and prompt.endswith("assistant\n<think>\n\n</think>\n\n")
+        assert "think>" not in answer
+
+
+def test_qwen3_5_position_ids_are_its_get_rope_index(qwen3_5, collator_rows):
+    processor, model = qwen3_5
+    batch = GroundingCollator(processor, max_img_side_length=224, family=QWEN3_5)(collator_rows[:4])
+    reference, _ = model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], attention_mask=batch["attention_mask"]
+    )
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and torch.equal(batch["position_ids"][:, ~padding], reference[:, ~padding])
+
+
+def test_packed_qwen3_5_is_refused_as_the_torch_fallback_mixes_samples(answering_qwen3_5, data_dir):
+    processor = AutoProcessor.from_pretrained(answering_qwen3_5)
+    model = AutoModelForImageTextToText.from_pretrained(answering_qwen3_5).eval()
+    with pytest.raises(ValueError, match="packed.*qwen3_5.*flash-linear-attention and causal-conv1d"):
+        GroundingCollator(processor, max_img_side_length=56, padding="packed", family=QWEN3_5)
+    # What the refusal prevents, on the samples the model learned: packed by hand, as the collator would pack them.
+    collator = GroundingCollator(processor, max_img_side_length=56, padding="longest", family=QWEN3_5)
+    rows = load_sft_jsonl(str(data_dir / "first4.jsonl"))
+    longest = collator(rows)
+    images = {key: longest[key] for key in ("pixel_values", "image_grid_thw")}
+    packed = images | collator._pack([collator.encode(row) for row in rows])
+    # Given the samples' boundaries, transformers' torch fallback stops rather than ignore them ...
+    with pytest.raises(ValueError, match="can't keep packed sequences apart"):
+        model(**packed)
+    # ... and without them it runs each packed row as one sequence: every sample after the first reads the ones
+    # before it through the Gated DeltaNet layers' state and convolution, so its loss is not its `longest` loss.
+    unmarked = {key: value for key, value in packed.items() if key not in ("cu_seq_lens_q", "seq_idx")}
+    lengths = longest["attention_mask"].sum(1).tolist()
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    longest_losses = per_sample_losses(model, longest, [(i, slice(0, n)) for i, n in enumerate(lengths)])
+    packed_losses = per_sample_losses(model, unmarked, [(0, slice(s, s + n)) for s, n in zip(starts, lengths)])
+    assert packed_losses[0] == pytest.approx(longest_losses[0], rel=1e-4)
+    for packed_loss, longest_loss in zip(packed_losses[1:], longest_losses[1:]):  # Qwen3-VL's parity tolerance
+        assert packed_loss != pytest.approx(longest_loss, rel=1e-4, abs=1e-4), (packed_losses, longest_losses)
+    assert max(p / l for p, l in zip(packed_losses, longest_losses)) > 1.5, (packed_losses, longest_losses)
+
+
+def test_grpo_on_qwen3_5_trains_and_infers(answering_qwen3_5, data_dir, tmp_path):
+    output_dir = tmp_path / "grpo"
+    grpo("--model_name_or_path", answering_qwen3_5, "--train_dataset_name", data_dir / "first4.jsonl",
+         "--output_dir", output_dir, "--max_steps", 2, "--max_completion_length", 24, "--save_strategy", "no")  # fmt: skip
+    run_dir = output_dir.parent / "cpu_grpo"
+    assert [entry["step"] for entry in step_records(run_dir)] == [1, 2]
+    predictions = infer_cli("--model_name_or_path", run_dir, "--test_dataset_name", data_dir / "first4.jsonl",
+                            output_dir=tmp_path / "grpo_eval")  # fmt: skip
+    assert all(parse_bbox(p["raw_output"]) for p in predictions), [p["raw_output"] for p in predictions]
+
+
+@pytest.mark.skipif(not linear_attention_kernels_available(), reason="needs CUDA, flash-linear-attention, causal-conv1d")
+def test_packed_qwen3_5_loss_equals_longest_with_the_kernels(qwen3_5, collator_rows):
+    """The GPU check (docs/families.md): with the kernels the collator packs Qwen3.5 and passes the boundaries."""
+    processor, model = qwen3_5
+    model = model.cuda()
+    rows = collator_rows[:4]
+    batches = [
+        {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
+        for batch in (
+            GroundingCollator(processor, max_img_side_length=224, padding=padding, family=QWEN3_5)(rows)
+            for padding in ("longest", "packed")
+        )
+    ]
+    longest, packed = batches
+    lengths = longest["attention_mask"].sum(1).tolist()
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    longest_losses = per_sample_losses(model, longest, [(i, slice(0, n)) for i, n in enumerate(lengths)])
+    packed_losses = per_sample_losses(model, packed, [(0, slice(s, s + n)) for s, n in zip(starts, lengths)])
+    assert packed_losses == pytest.approx(longest_losses, rel=1e-3, abs=1e-3)
