@@ -296,3 +296,17 @@ def test_grpo_trains_list_rows_beside_a_single_box_row(tiny_model_dir, list_json
     records = step_records(tmp_path / "cpu_lists")
     assert [entry["step"] for entry in records] == [1, 2]
     assert all("rewards/list_iou_reward/mean" in entry for entry in records), records
+
+
+def test_compare_evals_shows_list_figures_where_a_test_set_has_list_rows(tmp_path):
+    box = {"acc@0.5": 0.5, "mean_iou": 0.4, "by_size": {"small": {"acc@0.5": None, "count": 0}}}
+    lists = {**box, "num_list_samples": 3, "f1@0.5": 0.6, "recall@0.5": 0.5, "rejection_acc": 1.0}
+    for name, model, test_set, metrics in [("a", "single", "boxes.jsonl", box), ("b", "single", "lists.jsonl", lists),
+                                           ("c", "detect", "lists.jsonl", {**lists, "f1@0.5": 0.7})]:  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"model": model, "test_dataset": test_set, **metrics}))
+    result = run_script("scripts/compare_evals.py", *(tmp_path / name for name in "abc"), "--output", tmp_path / "t.md")
+    header, _, first, second = result.stdout.splitlines()[:4]
+    assert "boxes.jsonl small Acc@0.5 | lists.jsonl Acc@0.5" in header and "boxes.jsonl F1@0.5" not in header
+    assert header.endswith("| lists.jsonl F1@0.5 | lists.jsonl recall@0.5 | lists.jsonl rejection acc |")
+    assert first.endswith("| 0.6000 | 0.5000 | 1.0000 |") and second.endswith("| 0.7000 (+0.1000) | 0.5000 (+0.0000) | 1.0000 (+0.0000) |")
