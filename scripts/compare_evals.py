@@ -5,7 +5,7 @@
 
 Each DIR holds a metrics.json, which names its model and test set. Models are rows (in the order
 first named), test sets are column groups: Acc@0.5, mean IoU and small-box Acc@0.5 (with the number
-of small boxes). From the second row on, each figure shows its change against the first row's.
+of small boxes), and for a test set with list rows F1@0.5, recall@0.5 and rejection accuracy. From the second row on, each figure shows its change against the first row's.
 """
 
 import argparse
@@ -14,6 +14,9 @@ import os
 
 COLUMNS = (("Acc@0.5", lambda m: m["acc@0.5"]), ("mean IoU", lambda m: m["mean_iou"]),
            ("small Acc@0.5", lambda m: m["by_size"]["small"]["acc@0.5"]))  # fmt: skip
+# A test set with list rows (several boxes, or [] for none) also gets these (scoring.list_metrics).
+LIST_COLUMNS = (("F1@0.5", lambda m: m["f1@0.5"]), ("recall@0.5", lambda m: m["recall@0.5"]),
+                ("rejection acc", lambda m: m["rejection_acc"]))  # fmt: skip
 
 
 def read_results(directories) -> dict[tuple[str, str], dict]:
@@ -46,18 +49,21 @@ def cell(value, reference, is_first_row) -> str:
 def comparison_table(results) -> str:
     models = list(dict.fromkeys(model for model, _ in results))
     test_sets = list(dict.fromkeys(test_set for _, test_set in results))
-    header = ["model"] + [f"{test_set} {name}" for test_set in test_sets for name, _ in COLUMNS]
+    lists = {test_set for (_, test_set), metrics in results.items() if "num_list_samples" in metrics}
+    columns = {test_set: COLUMNS + (LIST_COLUMNS if test_set in lists else ()) for test_set in test_sets}
+    header = ["model"] + [f"{test_set} {name}" for test_set in test_sets for name, _ in columns[test_set]]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row, model in enumerate(models):
         cells = [model]
         for test_set in test_sets:
             metrics, first = results.get((model, test_set)), results.get((models[0], test_set))
             if metrics is None:
-                cells += ["not run"] * len(COLUMNS)
+                cells += ["not run"] * len(columns[test_set])
                 continue
-            for _, value_of in COLUMNS:
+            for index, (_, value_of) in enumerate(columns[test_set]):
                 cells.append(cell(value_of(metrics), None if first is None else value_of(first), row == 0))
-            cells[-1] += f" (n={metrics['by_size']['small']['count']})"  # how many boxes it rests on
+                if index == len(COLUMNS) - 1:
+                    cells[-1] += f" (n={metrics['by_size']['small']['count']})"  # how many boxes it rests on
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
