@@ -1,6 +1,6 @@
 """Prompts and answer texts, shared by conversion, training, RL and inference.
 
-A row's response says what it trains and how it is scored (`answer_kind`):
+A row's response says what it trains and how it is scored (`answer_kind`, from its first character):
   box    '{"bbox_2d": [x1, y1, x2, y2]}'   one box, the tutorial's TextVQA grounding;
   boxes  '[{"bbox_2d": [...], "label": "red circle"}, ...]' or '[]'   every matching object, in
          Qwen's own list format; the empty list answers "no such object";
@@ -22,16 +22,10 @@ PROMPT_SUFFIX = (
 
 
 def answer_kind(response: str) -> str:
-    """BOX for a JSON object with "bbox_2d", BOXES for a JSON list of such objects (or []), TEXT otherwise."""
-    try:
-        value = json.loads(response)
-    except json.JSONDecodeError:
-        return TEXT
-    if isinstance(value, dict) and "bbox_2d" in value:
-        return BOX
-    if isinstance(value, list) and all(isinstance(item, dict) and "bbox_2d" in item for item in value):
-        return BOXES
-    return TEXT
+    """BOX for a JSON object, BOXES for a JSON list, TEXT for anything else. Read from the first character,
+    so a broken box answer is still a box answer and fails loudly where it is read, never trained as text."""
+    start = response.lstrip()[:1]
+    return {"{": BOX, "[": BOXES}.get(start, TEXT)
 
 
 def build_messages(question: str, kind: str = BOX) -> list[dict]:

@@ -16,8 +16,10 @@ B = {"bbox_2d": [50.0, 60.0, 70.0, 80.0], "label": "red circle"}
         ("[]", BOXES),
         ("dark red", TEXT),
         ("12", TEXT),
-        ("[1, 2]", TEXT),
-        ('{"answer": "yes"}', TEXT),
+        # Broken box answers stay box answers, so reading them fails loudly instead of training them as text.
+        ("[1, 2]", BOXES),
+        ('{"answer": "yes"}', BOX),
+        (" not json", TEXT),
     ],
 )
 def test_answer_kind_is_read_from_the_response(response, kind):

@@ -173,7 +173,7 @@ def test_bad_inputs_give_clear_errors(processor, collator_rows, tmp_path):
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     with pytest.raises(ValueError, match="corrupt.jpg"):
         collator([{**good, "image": [str(corrupt)]}])
-    for answer in ["not json", '{"box": [1, 2, 3, 4]}', '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": [1, 2, NaN, 4]}', '{"bbox_2d": [1, "2", 3, 4]}']:
+    for answer in ['{"bbox_2d": [1, 2, 3, 4]', '{"box": [1, 2, 3, 4]}', '[{"bbox_2d": [1, 2, 3]}]', '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": [1, 2, NaN, 4]}', '{"bbox_2d": [1, "2", 3, 4]}']:
         with pytest.raises(ValueError, match=good["image"][0]):
             collator([{**good, "assistant": answer}])
     with pytest.raises(ValueError, match="padding"):
