@@ -54,6 +54,23 @@ def box_confidences(pieces, token_logprobs, kind, rule=DEFAULT_CONFIDENCE_RULE) 
     return confidences
 
 
+def abstain_below(predictions, min_confidence: float) -> tuple[int, int]:
+    """Drop every predicted box whose confidence is under min_confidence, in place: a single-box answer
+    becomes an abstention ("abstained": True, no box), a list answer loses those boxes ("abstained_boxes").
+    Returns (answers abstained, list boxes dropped), for metrics.json: nothing is dropped silently."""
+    answers, boxes = 0, 0
+    for prediction in predictions:
+        if prediction.get("pred_boxes") is not None:
+            kept = [item for item in prediction["pred_boxes"] if item["confidence"] is None or item["confidence"] >= min_confidence]
+            prediction["abstained_boxes"] = len(prediction["pred_boxes"]) - len(kept)
+            prediction["pred_boxes"] = kept
+            boxes += prediction["abstained_boxes"]
+        elif prediction.get("confidence") is not None and prediction["confidence"] < min_confidence:
+            prediction.update(pred_bbox=None, abstained=True)
+            answers += 1
+    return answers, boxes
+
+
 # ---------------------------------------------------------------- what the confidences are worth
 COVERAGES = (0.25, 0.5, 0.75, 1.0)
 RELIABILITY_BINS = 10

@@ -1,5 +1,5 @@
 """Evaluation by generation during training (sft.py): at every evaluation the model answers the first
-eval_generation_samples rows of the eval set the way infer.py does (scoring.predict, plain greedy decoding,
+eval_generation_samples rows of the eval set the way infer.py does (generation.predict, plain greedy decoding,
 the collator's image frame), and the Trainer logs their acc@0.5 and mean IoU beside the eval loss, as
 eval_acc@0.5 and eval_mean_iou; `metric_for_best_model: acc@0.5` then keeps the checkpoint that finds boxes
 best. The same images with their boxes are drawn each time into output_dir/eval_boxes/step-N.jpg (and to
@@ -13,7 +13,8 @@ from accelerate.utils import gather_object
 from peft import PeftModel
 
 from pictures import draw_prediction, make_grid
-from scoring import evaluate, plain_greedy, predict, read_true_boxes
+from generation import plain_greedy, predict
+from scoring import evaluate, read_true_boxes
 from utils import atomic_path
 
 EVAL_BOXES_DIR = "eval_boxes"

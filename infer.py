@@ -32,7 +32,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model_families import check_settings_family, detect_family
 from pictures import draw_prediction, make_grid
-from scoring import evaluate, plain_greedy, predict, read_true_boxes, summary_table
+from confidence import CONFIDENCE_RULES, DEFAULT_CONFIDENCE_RULE, abstain_below
+from generation import plain_greedy, predict
+from scoring import evaluate, read_true_boxes, summary_table
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
     IMAGE_SETTINGS_FILE,
@@ -56,6 +58,14 @@ def parse_args():
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--num_vis", type=int, default=16, help="pictures drawn into OUT/vis")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--confidence_rule", default=DEFAULT_CONFIDENCE_RULE, choices=sorted(CONFIDENCE_RULES),
+        help="how a box's confidence comes from its coordinate tokens' probabilities (confidence.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min_confidence", type=float, default=0.0,
+        help="drop boxes less confident than this: a single-box answer abstains (counted in metrics.json)",
+    )  # fmt: skip
     parser.add_argument("--report_to", default="none", choices=["none", "swanlab"])
     parser.add_argument("--run_name", help="SwanLab experiment name (default: eval-<model dir name>)")
     parser.add_argument(
@@ -93,7 +103,7 @@ def run_fingerprint(args, settings) -> dict:
         "model": describe_model(args.model_name_or_path),
         "adapter": describe_model(args.adapter),
         "image_settings": dataclasses.asdict(settings),
-        **{name: getattr(args, name) for name in ("limit", "batch_size", "max_new_tokens", "dtype")},
+        **{name: getattr(args, name) for name in ("limit", "batch_size", "max_new_tokens", "dtype", "confidence_rule")},
         "use_checkpoint_generation_config": args.use_checkpoint_generation_config,
     }
 
@@ -240,7 +250,7 @@ def main():
         for start in tqdm(starts, desc="generating", disable=not state.is_local_main_process):
             batch = rows[start : start + args.batch_size]
             batch_predictions = predict(
-                model, processor, batch, settings, args.batch_size, args.max_new_tokens, show_progress=False
+                model, processor, batch, settings, args.batch_size, args.max_new_tokens, False, args.confidence_rule
             )
             partial.write(json.dumps({"batch_start": start, "predictions": batch_predictions}) + "\n")
             partial.flush()
@@ -250,8 +260,18 @@ def main():
 
     done = read_partial_runs(args.output_dir, fingerprint)
     predictions = [prediction for start in batch_starts for prediction in done[start]]
+    abstained, dropped_boxes = abstain_below(predictions, args.min_confidence)  # after resuming: not in the fingerprint
     records, metrics = evaluate(rows, true_boxes, predictions)
-    metrics = {"model": args.adapter or args.model_name_or_path, "test_dataset": args.test_dataset_name, **metrics}
+    metrics = {
+        "model": args.adapter or args.model_name_or_path,
+        "test_dataset": args.test_dataset_name,
+        "confidence_rule": args.confidence_rule,
+        "min_confidence": args.min_confidence,
+        "abstained_boxes": dropped_boxes,
+        **metrics,
+    }
+    if abstained or dropped_boxes:
+        print(f"--min_confidence {args.min_confidence}: {abstained} single-box answers abstained, {dropped_boxes} list boxes dropped")
     for record in records:
         if record["error"]:
             print(f"warning: {record['image']} not scored: {record['error']}")

@@ -1,6 +1,7 @@
 """Pictures of predictions, drawn by infer.py (OUT/vis) and by the evaluation during training
-(output_dir/eval_boxes): the true box (green) and the predicted box (red) on the original image, and a grid.
-A list row shows every predicted box (red) with its label, the true boxes it matched (green) and the true
+(output_dir/eval_boxes): the true box (green) and the predicted box (red, with its confidence) on the original image,
+and a grid.
+A list row shows every predicted box (red) with its label and confidence, the true boxes it matched (green) and the true
 boxes it missed (orange), at scoring.MATCH_IOU."""
 
 import math
@@ -53,11 +54,18 @@ def draw_prediction(record) -> Image.Image:
 
 def single_boxes(record) -> tuple[list, str]:
     """A single-box record's (box, colour, label) to draw, true box first, and its result."""
-    result = "no box parsed" if record["pred_bbox"] is None else f"IoU {record['iou']:.2f}"
+    if record.get("abstained"):
+        result = f"abstained (confidence {record['confidence']:.2f})"
+    else:
+        result = "no box parsed" if record["pred_bbox"] is None else f"IoU {record['iou']:.2f}"
     drawn = [(record["gt_bbox"], TRUE_COLOR, None)]
     if record["pred_bbox"] is not None:
-        drawn.append((record["pred_bbox"], PREDICTED_COLOR, None))
+        drawn.append((record["pred_bbox"], PREDICTED_COLOR, confidence_text(record.get("confidence"))))
     return drawn, result
+
+
+def confidence_text(confidence) -> str | None:
+    return None if confidence is None else f"{confidence:.2f}"
 
 
 def list_boxes(record) -> tuple[list, str]:
@@ -67,7 +75,10 @@ def list_boxes(record) -> tuple[list, str]:
         (item["bbox_2d"], TRUE_COLOR if index in matched else MISSED_COLOR, None)
         for index, item in enumerate(record["gt_boxes"])
     ]
-    drawn += [(item["bbox_2d"], PREDICTED_COLOR, item["label"]) for item in record["pred_boxes"]]
+    drawn += [
+        (item["bbox_2d"], PREDICTED_COLOR, " ".join(filter(None, [item["label"], confidence_text(item.get("confidence"))])))
+        for item in record["pred_boxes"]
+    ]
     extra = len(record["pred_boxes"]) - len(matched)
     result = f"found {len(matched)}/{len(record['gt_boxes'])}, {extra} extra"
     if not record["well_formed"]:

@@ -1,23 +1,20 @@
 """Scoring a grounding model on the converter's JSONL, shared by infer.py, the mean-box baseline,
-the benchmark and compare_evals.py: generation in batches, true boxes, per-sample records,
-metrics by IoU threshold and by box size, and the summary table.
+the benchmark and compare_evals.py: true boxes, per-sample records, metrics by IoU threshold and by
+box size, list rows' one-to-one matches, COCO mAP with the model's confidences, and the summary tables.
+Predictions come from generation.py (or a backend of backends.py).
 
 Library code raises (FileNotFoundError, ValueError); the entry points decide whether to exit.
 """
 
 import math
 import os
-import warnings
 
 import torch
 from torchmetrics.detection import MeanAveragePrecision
-from tqdm import tqdm
-from transformers import GenerationConfig
 
-from answers import BOX, BOXES, answer_kind, parse_bbox, parse_boxes, read_answer_box, read_answer_boxes, render_prompt
+from answers import BOXES, answer_kind, read_answer_box, read_answer_boxes
 from matching import duplicate_count, match_boxes
-from model_families import box_from_answer
-from utils import box_ious, check_processor_kept_frame, load_image, to_model_frame
+from utils import box_ious
 
 # The thresholds lmms-eval reports for RefCOCO; 0.75 is kept for metrics.json files written before.
 IOU_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.75, 0.9)
@@ -30,77 +27,6 @@ SIZE_BUCKETS = {"small": (0.0, 0.01), "medium": (0.01, 0.1), "large": (0.1, math
 # 1024x681 image). Named by its cut, never "small", so it cannot be read as SIZE_BUCKETS' small.
 TARGET_SIDE_CUT = 0.15
 SIDE_BUCKETS = (f"side < {TARGET_SIDE_CUT:.0%}", f"side >= {TARGET_SIDE_CUT:.0%}")
-
-
-def plain_greedy(checkpoint_config: GenerationConfig) -> GenerationConfig:
-    """Greedy decoding with nothing else from the checkpoint but its special tokens: no repetition
-    penalty, no sampling, no beams (generate fills unset values from model.generation_config, so the
-    checkpoint's config is replaced rather than overridden)."""
-    tokens = ("bos_token_id", "eos_token_id", "pad_token_id")
-    return GenerationConfig(do_sample=False, num_beams=1, **{name: getattr(checkpoint_config, name) for name in tokens})
-
-
-@torch.no_grad()
-def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_progress=True) -> list[dict]:
-    """Generation in batches with the model's generation_config (infer.py and training make it plain_greedy).
-
-    Returns per row {"raw_output", "pred_bbox" (original pixels), "image_size", "error"}. An image
-    that cannot be decoded is left out of its batch, warned about and returned with its reason in
-    "error", so one bad file does not stop a long evaluation.
-    """
-    processor.tokenizer.padding_side = "left"  # generation continues from the last position of every row
-    predictions = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not show_progress):
-        batch_results, batch, originals, images = [], [], [], []
-        for row in rows[start : start + batch_size]:
-            try:
-                original = load_image(row["image"][0])
-                image = to_model_frame(original, settings)
-            except ValueError as error:
-                warnings.warn(f"sample left out of the scores: {error}")
-                batch_results.append({"raw_output": None, "pred_bbox": None, "image_size": None, "error": str(error)})
-                continue
-            batch_results.append(None)  # filled below, in order
-            batch.append(row)
-            originals.append(original)
-            images.append(image)
-        answered = iter(generate_boxes(model, processor, batch, images, originals, settings, max_new_tokens))
-        predictions.extend(result or next(answered) for result in batch_results)
-    return predictions
-
-
-def generate_boxes(model, processor, batch, images, originals, settings, max_new_tokens) -> list[dict]:
-    """One generate call for the readable samples of a batch; boxes mapped from the model frame to original pixels."""
-    if not batch:
-        return []
-    prompts = [render_prompt(processor, row["user"], answer_kind(row["assistant"])) for row in batch]
-    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt").to(model.device)
-    for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
-        check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, settings.patch_size)
-    generated = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [
-        prediction_from_answer(text, answer_kind(row["assistant"]), image.size, original.size, settings)
-        for text, row, image, original in zip(texts, batch, images, originals)
-    ]
-
-
-def prediction_from_answer(text, kind, model_size, original_size, settings) -> dict:
-    """One raw answer as a prediction record, its boxes mapped from the model frame to original pixels:
-    {"raw_output", "pred_bbox", "image_size", "error"} for a single-box row (the first box found, or None);
-    for a list row "pred_boxes" ([{"bbox_2d", "label"}], duplicates kept) and "well_formed" (parse_boxes)
-    instead of "pred_bbox". Every generation path (HF generate, a server) ends here."""
-    record = {"raw_output": text, "image_size": list(original_size), "error": None}
-    if kind == BOXES:
-        objects, well_formed = parse_boxes(text)
-        objects = [
-            {**item, "bbox_2d": box_from_answer(item["bbox_2d"], settings.coordinate_system, model_size, original_size)}
-            for item in objects
-        ]
-        return {**record, "pred_boxes": objects, "well_formed": well_formed}
-    box = parse_bbox(text)
-    box = None if box is None else box_from_answer(box, settings.coordinate_system, model_size, original_size)
-    return {**record, "pred_bbox": box}
 
 
 def read_true_boxes(path, rows) -> list:
@@ -179,7 +105,8 @@ def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:
     metrics = {
         "num_samples": overall.pop("count"),
         **overall,
-        "parse_failures": sum(record["pred_bbox"] is None for record in scored),
+        "parse_failures": sum(record["pred_bbox"] is None and not record["abstained"] for record in scored),
+        "abstentions": sum(record["abstained"] for record in scored),
         "failed_samples": sum(record["error"] is not None for record in records),
         "by_size": {
             name: summarise([r for r in scored if size_bucket(r["gt_bbox"], r["image_size"]) == name])
@@ -191,6 +118,7 @@ def evaluate(rows, true_boxes, predictions) -> tuple[list[dict], dict]:
     }
     if len(box_records) < len(records):
         metrics.update(list_metrics([record for record in records if "gt_boxes" in record]))
+    metrics.update(detection_map([detection_sample(record) for record in records if record["error"] is None]))
     return records, metrics
 
 
@@ -200,6 +128,8 @@ def box_record(row, true_box, prediction) -> dict:
         "query": row["user"],
         "gt_bbox": true_box,
         "pred_bbox": prediction["pred_bbox"],
+        "confidence": prediction.get("confidence"),
+        "abstained": prediction.get("abstained", False),
         "iou": None,
         "raw_output": prediction["raw_output"],
         "image_size": prediction["image_size"],
@@ -324,6 +254,11 @@ def summary_table(model_name, metrics) -> str:
         tables.append(box_summary_table(model_name, metrics))
     if "num_list_samples" in metrics:
         tables.append(list_summary_table(model_name, metrics))
+    tables.append(
+        f"mAP@[.5:.95] {format_value(metrics['map'])} (every score 1: {format_value(metrics['map_const'])}), "
+        f"AP50 {format_value(metrics['map_50'])} ({format_value(metrics['map_50_const'])}), "
+        f"AP75 {format_value(metrics['map_75'])} ({format_value(metrics['map_75_const'])}): boxes ranked by confidence"
+    )
     return "\n\n".join(tables)
 
 
@@ -343,14 +278,29 @@ def box_summary_table(model_name, metrics) -> str:
     return "\n".join([header, "|---" * header.count(" |") + "|", row, legend])
 
 
+def detection_sample(record) -> tuple[list, list, list]:
+    """A scored record as (true boxes, predicted boxes, confidences) for detection_map: a single-box row is
+    one true box and at most one prediction."""
+    if "gt_bbox" in record:
+        predicted = [] if record["pred_bbox"] is None else [record["pred_bbox"]]
+        return [record["gt_bbox"]], predicted, [record["confidence"]] * len(predicted)
+    objects = record["pred_boxes"]
+    return boxes_of(record["gt_boxes"]), boxes_of(objects), [item.get("confidence") for item in objects]
+
+
 def detection_map(samples) -> dict:
     """COCO mAP@[.5:.95], AP50 and AP75 (torchmetrics MeanAveragePrecision, pycocotools backend: the
     reference implementation) over samples given as (true boxes, predicted boxes, confidences), each
     sample one image and the query its one class; twice: with the confidences, and with every score set
     to 1, as evaluations of text-answering models usually report it ("_const")."""
     metrics = {}
+    have_confidences = all(None not in confidences for _, _, confidences in samples)
     for suffix, constant in (("", False), ("_const", True)):
-        mean_ap = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        if not (constant or have_confidences):  # a backend without token probabilities: constant scores only
+            metrics |= {"map": None, "map_50": None, "map_75": None}
+            continue
+        # Every sample is already here (infer.py scores on its main process): no gathering across processes.
+        mean_ap = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
         for true_boxes, predicted_boxes, confidences in samples:
             scores = [1.0] * len(predicted_boxes) if constant else confidences
             mean_ap.update(
@@ -365,7 +315,9 @@ def detection_map(samples) -> dict:
 
 
 def _box_tensor(boxes) -> torch.Tensor:
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    """xyxy boxes; an inverted prediction becomes a box of zero area, which matches nothing but still counts."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=1)
 
 
 def _one_class(boxes) -> torch.Tensor:

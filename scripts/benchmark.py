@@ -41,7 +41,7 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from answers import render_prompt  # noqa: E402
 from model_families import detect_family  # noqa: E402
-from scoring import predict  # noqa: E402
+from generation import predict  # noqa: E402
 from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, load_image, to_model_frame  # noqa: E402
 from vision_datacollator import PADDING_MODES, GroundingCollator  # noqa: E402
 
@@ -394,7 +394,7 @@ def bench_inference(model, processor, rows, args, family):
         predict(model, processor, sample, settings, batch_size, args.new_tokens, show_progress=False)
         synchronize(args.device)
         results[batch_size] = len(sample) / (time.perf_counter() - start)
-    print(f"\n## Inference: scoring.predict, greedy, {args.new_tokens} new tokens max, {len(sample)} samples")
+    print(f"\n## Inference: generation.predict, greedy, {args.new_tokens} new tokens max, {len(sample)} samples")
     print("| batch size | samples/s | vs batch 1 |")
     print("|---|---|---|")
     for batch_size, rate in results.items():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import scoring
+import generation
 import training
 from answers import build_messages, format_answer, parse_bbox, read_answer_box, render_prompt
 from conftest import run_script, train, train_lora
@@ -100,7 +100,7 @@ def test_predictions_map_back_to_original_pixels(family, write, tolerance, tiny_
     model = ScriptedModel(processor, samples, write)
     for max_image_side in (64, 224, 448):
         settings = ImageSettings.from_processor(processor, max_image_side, family)
-        predictions = scoring.predict(model, processor, rows, settings, 3, 64, show_progress=False)
+        predictions = generation.predict(model, processor, rows, settings, 3, 64, show_progress=False)
         for row, prediction in zip(rows, predictions):
             true_box, (width, height) = samples[row["user"]]
             limits = [tolerance(width), tolerance(height)] * 2

@@ -149,7 +149,7 @@ def test_predictions_metrics_and_pictures(single_process_run, data_dir):
     rows = load_sft_jsonl(data_dir / "eval.jsonl")
     assert [(p["image"], p["query"]) for p in predictions] == [(row["image"][0], row["user"]) for row in rows]
     assert [p["gt_bbox"] for p in predictions] == [read_answer_box(row["assistant"]) for row in rows]
-    keys = {"image", "query", "gt_bbox", "pred_bbox", "iou", "raw_output", "image_size", "error"}
+    keys = {"image", "query", "gt_bbox", "pred_bbox", "confidence", "abstained", "iou", "raw_output", "image_size", "error"}
     assert all(set(prediction) == keys for prediction in predictions)
 
     # The corrupt image: recorded with its reason, warned about by name, left out of every figure.
@@ -163,6 +163,9 @@ def test_predictions_metrics_and_pictures(single_process_run, data_dir):
             width, height = prediction["image_size"]
             x1, y1, x2, y2 = prediction["pred_bbox"]
             assert 0 <= x1 <= width and 0 <= x2 <= width and 0 <= y1 <= height and 0 <= y2 <= height
+            assert 0 < prediction["confidence"] <= 1 and not prediction["abstained"]
+        else:
+            assert prediction["confidence"] is None
     parsed = [p for p in predictions if p["pred_bbox"] is not None]
     assert len(parsed) >= 4 and any(p["iou"] > 0.5 for p in parsed), [p["raw_output"] for p in predictions]
 

@@ -26,6 +26,13 @@ def test_confidence_ranks_the_right_box_first():
     assert metrics["map"] == pytest.approx(51 / 101)  # the found box is exact: every IoU threshold passes
 
 
+def test_an_inverted_prediction_is_a_false_positive():
+    """x2 < x1 is no box: it matches nothing, and ranked above the right box it halves the precision up to
+    the recall (0.5) the right box reaches."""
+    samples = [([[0, 0, 10, 10]], [[10, 0, 0, 10]], [0.9]), ([[20, 20, 40, 40]], [[20, 20, 40, 40]], [0.5])]
+    assert detection_map(samples)["map_50"] == pytest.approx(0.5 * 51 / 101)
+
+
 def test_no_true_box_at_all_has_no_map():
     assert detection_map([([], [[0, 0, 5, 5]], [0.5])])["map"] is None
 
@@ -57,8 +64,9 @@ def coco_eval_stats(samples, constant):
 def test_equals_pycocotools_on_random_samples():
     rng = random.Random(0)
 
-    def jitter(box, amount):
-        return [v + rng.uniform(-amount, amount) for v in box]
+    def jitter(box, amount):  # still a box (x1 < x2, y1 < y2): COCOeval has no rule for inverted ones
+        x1, y1, x2, y2 = (v + rng.uniform(-amount, amount) for v in box)
+        return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
 
     samples = []
     for _ in range(40):
