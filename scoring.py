@@ -63,19 +63,22 @@ def predict(model, processor, rows, settings, batch_size, max_new_tokens, show_p
                 image = to_model_frame(original, settings)
             except ValueError as error:
                 warnings.warn(f"sample left out of the scores: {error}")
-                batch_results.append({"raw_output": None, "pred_bbox": None, "image_size": None, "error": str(error)})
+                batch_results.append(failed_prediction(error))
                 continue
             batch_results.append(None)  # filled below, in order
             batch.append(row)
             originals.append(original)
             images.append(image)
-        answered = iter(generate_boxes(model, processor, batch, images, originals, settings, max_new_tokens))
+        texts = generate_answers(model, processor, batch, images, settings, max_new_tokens)
+        answers = zip(texts, images, originals)
+        answered = (prediction_from_answer(text, image.size, original.size, settings) for text, image, original in answers)
         predictions.extend(result or next(answered) for result in batch_results)
     return predictions
 
 
-def generate_boxes(model, processor, batch, images, originals, settings, max_new_tokens) -> list[dict]:
-    """One generate call for the readable samples of a batch; boxes mapped from the model frame to original pixels."""
+def generate_answers(model, processor, batch, images, settings, max_new_tokens) -> list[str]:
+    """One generate call for the readable samples of a batch: the raw answer texts (the HF backend;
+    backends.py's OpenAI client is the other one)."""
     if not batch:
         return []
     prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch]
@@ -83,13 +86,21 @@ def generate_boxes(model, processor, batch, images, originals, settings, max_new
     for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
         check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, settings.patch_size)
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    results = []
-    for text, image, original in zip(texts, images, originals):
-        box = parse_bbox(text)
-        box = None if box is None else box_from_answer(box, settings.coordinate_system, image.size, original.size)
-        results.append({"raw_output": text, "pred_bbox": box, "image_size": list(original.size), "error": None})
-    return results
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def prediction_from_answer(text, model_size, original_size, settings) -> dict:
+    """One raw answer as a prediction record, its box mapped from the model frame to original pixels. Every
+    backend ends here, so they cannot differ in parsing or mapping back."""
+    box = parse_bbox(text)
+    box = None if box is None else box_from_answer(box, settings.coordinate_system, model_size, original_size)
+    return {"raw_output": text, "pred_bbox": box, "image_size": list(original_size), "error": None}
+
+
+def failed_prediction(error) -> dict:
+    """The record of a sample that got no answer (an unreadable image, a request that failed): kept in
+    predictions.jsonl, left out of the scores, counted in metrics' failed_samples."""
+    return {"raw_output": None, "pred_bbox": None, "image_size": None, "error": str(error)}
 
 
 def read_true_boxes(path, rows) -> list[list[float]]:
