@@ -1,0 +1,114 @@
+"""The OpenAI-protocol backend of infer.py: any server that speaks /v1/chat/completions (transformers serve,
+vLLM, SGLang) answers, and everything after the answer is scoring.py's, as for HF generate.
+
+The server must see what HF generate sees: each image is sent already resized to the model frame
+(utils.to_model_frame with the trained model's ImageSettings) as a lossless PNG, so the server's own
+smart_resize is a no-op; the prompt is utils.build_messages with the image as a data URL, which the
+server renders with the model's own chat template. Answers come back as raw text and go through
+scoring.prediction_from_answer (parse, map back to original pixels) like the HF backend's.
+"""
+
+import base64
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import openai
+
+from scoring import failed_prediction, prediction_from_answer
+from utils import build_messages, load_image, to_model_frame
+
+
+class ServerUnreachable(ConnectionError):
+    """No answer from the server at all (down, wrong URL): stop rather than record every sample as failed."""
+
+
+def png_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # lossless: the server decodes the very pixels HF would see
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def chat_messages(question: str, image) -> list[dict]:
+    """utils.build_messages with its image placeholder carrying the image: the same chat template text."""
+    image_part = {"type": "image_url", "image_url": {"url": png_data_url(image)}}
+    return [
+        {**message, "content": [image_part if part["type"] == "image" else part for part in message["content"]]}
+        for message in build_messages(question)
+    ]
+
+
+class OpenAIBackend:
+    """Rows in, prediction records out (scoring.predict's), with `concurrency` requests in flight.
+
+    plain_greedy sends temperature 0 and frequency_penalty 0: transformers serve turns frequency_penalty
+    into repetition_penalty 1 + it, so it decodes as infer.py's plain greedy does. vLLM and SGLang keep
+    the checkpoint's repetition_penalty unless started as docs/serving.md says. Without plain_greedy the
+    server's defaults (the checkpoint's generation_config.json) decide.
+    """
+
+    def __init__(self, base_url, api_key, served_model, max_new_tokens, concurrency=4, plain_greedy=True,
+                 max_retries=3, timeout=300.0):  # fmt: skip
+        self.base_url = base_url
+        # openai retries connection errors, 408, 409, 429 and 5xx itself, with exponential backoff.
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=timeout)
+        self.max_retries = max_retries
+        self.concurrency = concurrency
+        self.sampling = {"max_tokens": max_new_tokens}
+        if plain_greedy:
+            self.sampling.update(temperature=0.0, frequency_penalty=0.0)
+        self.served_model = served_model or self.only_served_model()
+
+    def only_served_model(self) -> str:
+        """The one model the server lists (transformers serve MODEL_DIR lists MODEL_DIR); raises ServerUnreachable
+        when nothing answers, ValueError when the choice is not clear."""
+        try:
+            served = [model.id for model in self.client.models.list()]
+        except openai.APIConnectionError as error:
+            raise ServerUnreachable(
+                f"no OpenAI-compatible server answers at {self.base_url} ({error}). Start one (docs/serving.md), "
+                "or pass the right --base_url"
+            ) from error
+        if len(served) != 1:
+            raise ValueError(f"{self.base_url} serves {served or 'no model'}: name one with --served_model")
+        return served[0]
+
+    def answer(self, question: str, image) -> str:
+        response = self.client.chat.completions.create(
+            model=self.served_model, messages=chat_messages(question, image), **self.sampling
+        )
+        return response.choices[0].message.content or ""
+
+    def predict_one(self, row, settings) -> dict:
+        try:
+            original = load_image(row["image"][0])
+        except ValueError as error:
+            warnings.warn(f"sample left out of the scores: {error}")
+            return failed_prediction(error)
+        image = to_model_frame(original, settings)
+        where, retries = f"{row['image'][0]}: {self.base_url}", f"up to {self.max_retries} retries"
+        try:
+            text = self.answer(row["user"], image)
+        except openai.APITimeoutError as error:
+            return failed_prediction(f"{where} did not answer in time ({retries}): {error}")
+        except openai.APIConnectionError as error:
+            raise ServerUnreachable(f"{self.base_url} stopped answering ({error})") from error
+        except openai.APIError as error:  # the server answered with an error status
+            return failed_prediction(f"{where} answered with an error ({retries}): {error}")
+        return prediction_from_answer(text, image.size, original.size, settings)
+
+    def predict(self, rows, settings, progress=None) -> list[dict]:
+        """One record per row, in order; `progress` (a tqdm bar) advances as each request finishes."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self.predict_one, row, settings): index for index, row in enumerate(rows)}
+            predictions = [None] * len(rows)
+            try:
+                for future in as_completed(futures):
+                    predictions[futures[future]] = future.result()
+                    if progress is not None:
+                        progress.update(1)
+            except ServerUnreachable:
+                for future in futures:
+                    future.cancel()
+                raise
+        return predictions
