@@ -17,7 +17,8 @@ import pytest
 import backends
 import scoring
 from conftest import REPO_DIR, infer_command, run_script, train
-from utils import ImageSettings, load_sft_jsonl
+from model_card import CARD_FILE, card_metadata
+from utils import IMAGE_SETTINGS_FILE, PROMPT_SUFFIX, ImageSettings, load_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,87 @@ def test_messages_render_to_the_hf_prompt(processor):
     )
     assert rendered == processor.apply_chat_template(build_messages(question), add_generation_prompt=True)
     assert json.dumps(sent).count("data:image/png;base64,") == 1
+
+
+# ---------------------------------------------------------------- a model that plain transformers uses correctly
+SERVABLE_FILES = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
+                  "chat_template.jinja", IMAGE_SETTINGS_FILE, CARD_FILE)  # fmt: skip
+README_INPUTS = 'model_dir, image_path, question = "./outputs/merged", "photo.jpg", "where is the red sign?"'
+
+
+def readme_snippet() -> str:
+    """The plain-transformers example in README.md's Serve section, as written there."""
+    with open(os.path.join(REPO_DIR, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("### Serve\n", 1)[1]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```", start)]
+
+
+def run_readme_snippet(model_dir, row, cwd):
+    """The snippet on one test row, in a fresh interpreter that cannot import any file of this repo."""
+    code = readme_snippet()
+    assert README_INPUTS in code and PROMPT_SUFFIX in code  # the snippet's prompt is training's
+    code = code.replace(README_INPUTS, f"model_dir, image_path, question = {str(model_dir)!r}, {row['image'][0]!r}, {row['user']!r}")
+    no_repo = 'import importlib.util\nassert not any(importlib.util.find_spec(m) for m in ("utils", "scoring", "model_families"))\n'
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    command = [sys.executable, "-I", "-c", no_repo + code]  # -I: neither PYTHONPATH nor the working dir on the path
+    result = subprocess.run(command, cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_box_equal(snippet_box, infer_box):
+    """Both round to 2 decimals after the same scaling written in another order: at most one unit of rounding apart."""
+    assert infer_box is not None
+    assert all(abs(a - b) <= 0.0101 for a, b in zip(snippet_box, infer_box)), (snippet_box, infer_box)
+
+
+def check_self_contained(directory, base_model):
+    missing = [name for name in SERVABLE_FILES if not os.path.isfile(os.path.join(directory, name))]
+    assert not missing, f"{directory} lacks {missing}"
+    metadata = card_metadata(directory)
+    assert metadata["base_model"] == str(base_model) and metadata["pipeline_tag"] == "image-text-to-text"
+    with open(os.path.join(directory, CARD_FILE), encoding="utf-8") as f:
+        card = f.read()
+    settings = ImageSettings.load(directory)
+    assert PROMPT_SUFFIX in card and f"longer side is {settings.max_image_side} px" in card
+    assert ("0-1000" in card) == (settings.coordinate_system == "model_frame_0_1000")
+    assert "transformers serve" in card
+    return metadata
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_final_save_and_checkpoints_are_self_contained(family, trained_models, tiny_model_dir, tiny_qwen3_vl_dir):
+    base = {"qwen2_5_vl": tiny_model_dir, "qwen3_vl": tiny_qwen3_vl_dir}[family]
+    for directory in (trained_models[family], os.path.join(trained_models[family], "checkpoint-60")):
+        metadata = check_self_contained(directory, base)
+        assert metadata["datasets"][0].endswith("first4.jsonl") and metadata["tags"][1] == family
+
+
+def test_readme_snippet_reads_qwen3_vl_answers_as_infer_does(trained_models, data_dir, tmp_path):
+    model_dir, row = trained_models["qwen3_vl"], load_sft_jsonl(data_dir / "test.jsonl")[0]
+    test_set = ["--model_name_or_path", model_dir, "--test_dataset_name", data_dir / "test.jsonl", "--limit", 1]
+    _, (predicted,), _ = infer(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
+    check_box_equal(run_readme_snippet(model_dir, row, tmp_path), predicted["pred_bbox"])
+
+
+def test_merged_model_is_self_contained_and_plain_transformers_predicts_infers_box(trained_models, data_dir, tmp_path):
+    """A LoRA run with an evaluation, merged: the merged dir carries everything, its card the adapter's dataset
+    and last evaluation, and the README snippet (no file of this repo importable) gives infer.py's box."""
+    base = trained_models["qwen2_5_vl"]
+    lora = ["--use_lora", "true", "--r", 8, "--lora_alpha", 16, "--target_modules", "q_proj", "v_proj"]
+    evaluation = ["--eval_strategy", "steps", "--eval_steps", 10, "--test_dataset_name", data_dir / "last4.jsonl"]
+    adapter = train(base, data_dir / "last4.jsonl", tmp_path / "lora", *lora, *evaluation, "--max_steps", 10)
+    assert card_metadata(adapter)["library_name"] == "peft"
+    merged = tmp_path / "merged"
+    run_script("scripts/merge_model.py", "--base_model", base, "--adapter", adapter, "--output_dir", merged)
+    metadata = check_self_contained(merged, base)
+    assert metadata["datasets"][0].endswith("last4.jsonl")
+    (result,) = metadata["model-index"][0]["results"]
+    assert {"eval_loss"} <= {metric["type"] for metric in result["metrics"]}
+
+    row = load_sft_jsonl(data_dir / "test.jsonl")[0]
+    test_set = ["--model_name_or_path", merged, "--test_dataset_name", data_dir / "test.jsonl", "--limit", 1]
+    _, (predicted,), _ = infer(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
+    check_box_equal(run_readme_snippet(merged, row, tmp_path), predicted["pred_bbox"])
