@@ -6,10 +6,17 @@ The server must see what HF generate sees: each image is sent already resized to
 smart_resize is a no-op; the prompt is utils.build_messages with the image as a data URL, which the
 server renders with the model's own chat template. Answers come back as raw text and go through
 scoring.prediction_from_answer (parse, map back to original pixels) like the HF backend's.
+
+local_server runs a server command for the tests and scripts/benchmark_serving.py.
 """
 
 import base64
+import contextlib
 import io
+import socket
+import subprocess
+import time
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -112,3 +119,42 @@ class OpenAIBackend:
                     future.cancel()
                 raise
         return predictions
+
+
+# ---------------------------------------------------------------- a local server, for the tests and the benchmark
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(command, port, log_path, env=None, startup_timeout=300):
+    """Run a server command listening on 127.0.0.1:`port` (transformers serve, vllm serve) until the block ends;
+    yields its /v1 URL once GET /health answers. Its output goes to log_path, quoted when it fails to start."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def failure(why):
+        with open(log_path) as f:
+            return RuntimeError(f"{' '.join(map(str, command))}: {why}; its log ({log_path}) ends:\n{f.read()[-3000:]}")
+
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if server.poll() is not None:
+                raise failure(f"exited {server.returncode}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            if time.monotonic() > deadline:
+                raise failure(f"not answering after {startup_timeout} s")
+            time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

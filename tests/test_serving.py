@@ -1,14 +1,10 @@
 """Serving what was trained: infer.py --backend openai against a real `transformers serve` on CPU (both
 families) gives HF generate's boxes; a server that is down or a request that fails is handled."""
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import httpx2
 import openai
@@ -34,38 +30,13 @@ def trained_models(tiny_model_dir, tiny_qwen3_vl_dir, data_dir, tmp_path_factory
     return trained
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def transformers_serve(model_dir, log_path, startup_timeout=90):
-    """`transformers serve MODEL_DIR` on a free local port, on CPU with one thread; yields its /v1 URL, then stops it."""
-    port = free_port()
+def transformers_serve(model_dir, log_path):
+    """`transformers serve MODEL_DIR` on a free local port, on CPU with one thread (stopped when the block ends)."""
+    port = backends.free_port()
     command = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(log_path))
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            assert server.poll() is None, f"transformers serve exited {server.returncode}:\n{open(log_path).read()}"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            assert time.monotonic() < deadline, f"transformers serve not up in {startup_timeout} s:\n{open(log_path).read()}"
-            time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    return backends.local_server(command, port, log_path, env=env, startup_timeout=120)
 
 
 def infer(*args, output_dir):
@@ -97,7 +68,7 @@ def test_served_model_gives_hf_generates_boxes(family, trained_models, data_dir,
 
 
 def test_server_that_is_down_fails_naming_the_url(tiny_model_dir, data_dir, tmp_path):
-    base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    base_url = f"http://127.0.0.1:{backends.free_port()}/v1"  # nothing listens there
     command, env = infer_command(
         "--model_name_or_path", tiny_model_dir, "--test_dataset_name", data_dir / "test.jsonl",
         "--backend", "openai", "--base_url", base_url, output_dir=tmp_path / "out",
