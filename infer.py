@@ -270,7 +270,8 @@ def main():
                 try:
                     batch_predictions = backend.predict(batch, settings, progress)
                 except ServerUnreachable as error:
-                    raise SystemExit(f"error: {error}. Finished samples are kept: run the same command to resume.")
+                    finished = f"finished batches are kept in {args.output_dir}: run the same command to resume"
+                    raise SystemExit(f"error: {error}; {finished}") from error
             partial.write(json.dumps({"batch_start": start, "predictions": batch_predictions}) + "\n")
             partial.flush()
         progress.close()

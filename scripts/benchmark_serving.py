@@ -64,7 +64,10 @@ def timed(run, rows) -> tuple[float, list[dict]]:
 
 
 def same_boxes(predictions, reference) -> str:
-    equal = sum(p["raw_output"] == r["raw_output"] for p, r in zip(predictions, reference))  # same text: same box
+    """How many answers have the same text (so the same box) as the reference's; transformers serve strips the
+    whitespace around an answer, so that is not compared."""
+    texts = [((p["raw_output"] or "").strip(), (r["raw_output"] or "").strip()) for p, r in zip(predictions, reference)]
+    equal = sum(text == reference_text for text, reference_text in texts)
     return f"{equal}/{len(reference)}"
 
 

@@ -1,6 +1,7 @@
 """Serving what was trained: infer.py --backend openai against a real `transformers serve` on CPU (both
 families) gives HF generate's boxes; a server that is down or a request that fails is handled."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,9 +12,11 @@ import openai
 import pytest
 
 import backends
+import infer
 import scoring
 from conftest import REPO_DIR, infer_command, run_script, train
 from model_card import CARD_FILE, card_metadata
+from model_families import FAMILIES
 from utils import IMAGE_SETTINGS_FILE, PROMPT_SUFFIX, ImageSettings, load_sft_jsonl
 
 
@@ -39,9 +42,10 @@ def transformers_serve(model_dir, log_path):
     return backends.local_server(command, port, log_path, env=env, startup_timeout=120)
 
 
-def infer(*args, output_dir):
+def infer_cli(*args, output_dir):
     """infer.py with room for a whole 0-1000 box (Qwen3-VL's digits are one token each here)."""
-    result = run_script("infer.py", *args, "--output_dir", output_dir, "--max_new_tokens", 40, env={"OMP_NUM_THREADS": "1"})
+    env = {"OMP_NUM_THREADS": "1"}
+    result = run_script("infer.py", *args, "--output_dir", output_dir, "--max_new_tokens", 40, env=env)
     with open(output_dir / "predictions.jsonl") as f:
         predictions = [json.loads(line) for line in f]
     with open(output_dir / "metrics.json") as f:
@@ -54,15 +58,16 @@ def test_served_model_gives_hf_generates_boxes(family, trained_models, data_dir,
     the same CPU float32 weights: raw answers and boxes must be identical, no tolerance."""
     model_dir = trained_models[family]
     test_set = ["--model_name_or_path", model_dir, "--test_dataset_name", data_dir / "eval.jsonl", "--num_vis", 2]
-    _, hf, hf_metrics = infer(*test_set, "--batch_size", 1, output_dir=tmp_path / "hf")
+    _, hf, hf_metrics = infer_cli(*test_set, "--batch_size", 1, output_dir=tmp_path / "hf")
     with transformers_serve(model_dir, tmp_path / "serve.log") as base_url:
         openai_args = ["--backend", "openai", "--base_url", base_url, "--concurrency", 4, "--batch_size", 4]
-        result, served, served_metrics = infer(*test_set, *openai_args, output_dir=tmp_path / "served")
+        result, served, served_metrics = infer_cli(*test_set, *openai_args, output_dir=tmp_path / "served")
     assert [p["raw_output"] for p in served] == [p["raw_output"] for p in hf]
     assert [p["pred_bbox"] for p in served] == [p["pred_bbox"] for p in hf]
     assert sum(p["pred_bbox"] is not None for p in served) >= 4, [p["raw_output"] for p in served]  # real boxes
     assert served_metrics["failed_samples"] == hf_metrics["failed_samples"] == 1  # eval.jsonl's corrupt image
-    assert {k: v for k, v in served_metrics.items() if k != "model"} == {k: v for k, v in hf_metrics.items() if k != "model"}
+    served_metrics.pop("model"), hf_metrics.pop("model")  # the model dir in both: the same
+    assert served_metrics == hf_metrics
     assert os.path.isfile(tmp_path / "served" / "vis" / "grid.jpg")
     assert "at " + base_url in result.stdout
 
@@ -107,8 +112,6 @@ def scripted_backend(processor, server):
 
 
 def test_request_failing_after_retries_is_a_failed_sample_and_a_lost_server_stops(processor, data_dir):
-    from model_families import FAMILIES
-
     rows = load_sft_jsonl(data_dir / "test.jsonl")[:5]
     for row in rows:
         row["user"] += f" {os.path.basename(row['image'][0])}"  # lets the scripted server pick one sample
@@ -161,8 +164,10 @@ def run_readme_snippet(model_dir, row, cwd):
     """The snippet on one test row, in a fresh interpreter that cannot import any file of this repo."""
     code = readme_snippet()
     assert README_INPUTS in code and PROMPT_SUFFIX in code  # the snippet's prompt is training's
-    code = code.replace(README_INPUTS, f"model_dir, image_path, question = {str(model_dir)!r}, {row['image'][0]!r}, {row['user']!r}")
-    no_repo = 'import importlib.util\nassert not any(importlib.util.find_spec(m) for m in ("utils", "scoring", "model_families"))\n'
+    inputs = f"model_dir, image_path, question = {str(model_dir)!r}, {row['image'][0]!r}, {row['user']!r}"
+    code = code.replace(README_INPUTS, inputs)
+    repo_modules = ("utils", "scoring", "model_families")
+    no_repo = f"import importlib.util\nassert not any(importlib.util.find_spec(m) for m in {repo_modules})\n"
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     command = [sys.executable, "-I", "-c", no_repo + code]  # -I: neither PYTHONPATH nor the working dir on the path
     result = subprocess.run(command, cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
@@ -202,7 +207,7 @@ def test_final_save_and_checkpoints_are_self_contained(family, trained_models, t
 def test_readme_snippet_reads_qwen3_vl_answers_as_infer_does(trained_models, data_dir, tmp_path):
     model_dir, row = trained_models["qwen3_vl"], load_sft_jsonl(data_dir / "test.jsonl")[0]
     test_set = ["--model_name_or_path", model_dir, "--test_dataset_name", data_dir / "test.jsonl", "--limit", 1]
-    _, (predicted,), _ = infer(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
+    _, (predicted,), _ = infer_cli(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
     check_box_equal(run_readme_snippet(model_dir, row, tmp_path), predicted["pred_bbox"])
 
 
@@ -223,5 +228,38 @@ def test_merged_model_is_self_contained_and_plain_transformers_predicts_infers_b
 
     row = load_sft_jsonl(data_dir / "test.jsonl")[0]
     test_set = ["--model_name_or_path", merged, "--test_dataset_name", data_dir / "test.jsonl", "--limit", 1]
-    _, (predicted,), _ = infer(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
+    _, (predicted,), _ = infer_cli(*test_set, "--batch_size", 1, output_dir=tmp_path / "eval")
     check_box_equal(run_readme_snippet(merged, row, tmp_path), predicted["pred_bbox"])
+
+
+def test_benchmark_serving_reports_hf_and_the_server_side_by_side(tiny_model_dir, data_dir, tmp_path):
+    result = run_script(
+        "scripts/benchmark_serving.py", "--model_name_or_path", tiny_model_dir, "--test_dataset_name",
+        data_dir / "test.jsonl", "--limit", 3, "--batch_sizes", 1, 2, "--concurrency", 1, 2, "--max_new_tokens", 3,
+        "--server_log", tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    table = [line for line in result.stdout.splitlines() if line.startswith(("| HF generate", "| served"))]
+    assert [line.split(" | ")[:2] for line in table] == [
+        ["| HF generate", "batch 1"], ["| HF generate", "batch 2"],
+        ["| served (transformers serve)", "concurrency 1"], ["| served (transformers serve)", "concurrency 2"],
+    ], result.stdout  # fmt: skip
+    assert all(float(line.split(" | ")[2]) > 0 for line in table)
+    assert all(line.endswith("| 3/3 |") for line in table[2:])  # the server answers as HF batch 1
+
+
+def test_a_partial_run_resumes_only_with_the_same_backend(processor, data_dir, tmp_path):
+    settings = ImageSettings.from_processor(processor, 56, FAMILIES["qwen2_5_vl"])
+    common = {"test_dataset_name": str(data_dir / "test.jsonl"), "model_name_or_path": "m", "adapter": None,
+              "limit": None, "batch_size": 4, "max_new_tokens": 24, "dtype": "auto",
+              "use_checkpoint_generation_config": False}  # fmt: skip
+
+    def fingerprint(backend="openai", base_url="http://127.0.0.1:8000/v1", served_model="served"):
+        args = argparse.Namespace(**common, backend=backend, base_url=base_url)
+        return infer.run_fingerprint(args, settings, served_model)
+
+    infer.open_partial_file(tmp_path, 0, fingerprint()).close()
+    assert infer.read_partial_runs(tmp_path, fingerprint()) == {}  # the same backend resumes
+    others = (fingerprint(backend="hf"), fingerprint(base_url="http://elsewhere/v1"), fingerprint(served_model="x"))
+    for other in others:
+        with pytest.raises(ValueError, match="changed: backend"):
+            infer.read_partial_runs(tmp_path, other)
