@@ -43,7 +43,7 @@ def predict(
                 image = to_model_frame(original, settings)
             except ValueError as error:
                 warnings.warn(f"sample left out of the scores: {error}")
-                batch_results.append({"raw_output": None, "pred_bbox": None, "image_size": None, "error": str(error)})
+                batch_results.append(failed_prediction(error))
                 continue
             batch_results.append(None)  # filled below, in order
             batch.append(row)
@@ -104,3 +104,9 @@ def prediction_from_answer(
     box = None if box is None else box_from_answer(box, settings.coordinate_system, model_size, original_size)
     confidence = confidences[0] if box is not None and confidences else None
     return {**record, "pred_bbox": box, "confidence": confidence}
+
+
+def failed_prediction(error) -> dict:
+    """The record of a sample that got no answer (an unreadable image, a request that failed): kept in
+    predictions.jsonl, left out of the scores, counted in metrics' failed_samples."""
+    return {"raw_output": None, "pred_bbox": None, "image_size": None, "error": str(error)}

@@ -171,6 +171,9 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     logger.info("train prompts: %d, eval prompts: %s", len(train_dataset), eval_dataset and len(eval_dataset))
 
     transformers.set_seed(training_args.seed)
+    inference_files = training.SaveInferenceFiles(
+        image_settings, model_args.model_name_or_path, data_args.train_dataset_name
+    )
     trainer = GroundingGRPOTrainer(
         model=training.load_model(model_args, lora_args, training_args, family),
         reward_funcs=rewards,
@@ -178,11 +181,9 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        callbacks=[
-            training.SaveImageSettings(image_settings), save_and_stop, *training.swanlab_callbacks(training_args)
-        ],
+        callbacks=[inference_files, save_and_stop, *training.swanlab_callbacks(training_args)],
     )
-    return training.train_and_save(trainer, last_checkpoint, image_settings, save_and_stop)
+    return training.train_and_save(trainer, last_checkpoint, inference_files, save_and_stop)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
     python infer.py --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --adapter outputs/lora \\
         --test_dataset_name data/test.jsonl --output_dir outputs/eval_lora
     accelerate launch infer.py ...   # the test set is split across processes, one merged result
+    python infer.py --backend openai --base_url http://localhost:8000/v1 --model_name_or_path outputs/merged ...
+
+--backend openai asks any OpenAI-compatible server (transformers serve, vLLM, SGLang: docs/serving.md) instead
+of HF generate; --model_name_or_path still names the trained directory, for its image settings and family.
 
 A base model works too (zero-shot). The prompt and the image resize are training's (utils.py and
 the grounding_image_settings.json saved beside the model); predicted boxes are mapped back to
@@ -30,10 +34,11 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from model_families import check_settings_family, detect_family
-from pictures import draw_prediction, make_grid
+from backends import OpenAIBackend, ServerUnreachable
 from confidence import CONFIDENCE_RULES, DEFAULT_CONFIDENCE_RULE, abstain_below
 from generation import plain_greedy, predict
+from model_families import check_settings_family, detect_family
+from pictures import draw_prediction, make_grid
 from scoring import evaluate, read_true_boxes, summary_table
 from utils import (
     DEFAULT_MAX_IMAGE_SIDE,
@@ -52,7 +57,7 @@ def parse_args():
     parser.add_argument("--adapter", help="a LoRA adapter dir to apply on top of --model_name_or_path")
     parser.add_argument("--test_dataset_name", required=True, help="the converter's test.jsonl")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--batch_size", type=int, default=16, help="per process")
+    parser.add_argument("--batch_size", type=int, default=16, help="per process; openai: samples per resumable step")
     parser.add_argument("--max_image_side", type=int, help=f"default: training's value from {IMAGE_SETTINGS_FILE}")
     parser.add_argument("--limit", type=int, help="only the first N test samples")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -71,6 +76,16 @@ def parse_args():
     parser.add_argument(
         "--use_checkpoint_generation_config", action="store_true",
         help="decode with the checkpoint's generation_config.json (e.g. its repetition_penalty), not plain greedy",
+    )  # fmt: skip
+    server = parser.add_argument_group("--backend openai")
+    server.add_argument("--backend", default="hf", choices=["hf", "openai"], help="HF generate, or a served model")
+    server.add_argument("--base_url", default="http://localhost:8000/v1", help="the server's OpenAI API root")
+    server.add_argument("--api_key", default=os.getenv("OPENAI_API_KEY", "EMPTY"), help="default: $OPENAI_API_KEY")
+    server.add_argument("--served_model", help="the model name on the server (default: the one it lists)")
+    server.add_argument("--concurrency", type=int, default=8, help="requests in flight per process")
+    server.add_argument(
+        "--server_logprobs", action="store_true",
+        help="ask for token log-probabilities (vLLM, SGLang; transformers serve refuses them): boxes get confidences",
     )  # fmt: skip
     return parser.parse_args()
 
@@ -96,9 +111,10 @@ def describe_model(path):
     return {"dir": os.path.abspath(path), "files": {name: [stat.st_size, stat.st_mtime_ns] for name, stat in files}}
 
 
-def run_fingerprint(args, settings) -> dict:
+def run_fingerprint(args, settings, served_model=None) -> dict:
     """Everything that decides the predictions: a partial run is resumed only under the same one."""
     return {
+        "backend": args.backend if args.backend == "hf" else [args.backend, args.base_url, served_model, args.server_logprobs],
         "test_dataset": [os.path.abspath(args.test_dataset_name), file_sha256(args.test_dataset_name)],
         "model": describe_model(args.model_name_or_path),
         "adapter": describe_model(args.adapter),
@@ -218,42 +234,64 @@ def main():
         family = detect_family(args.model_name_or_path)  # an unsupported model fails before anything loads
         processor = AutoProcessor.from_pretrained(processor_dir(args.adapter, args.model_name_or_path))
         settings = resolve_image_settings(processor, settings_dirs, args.max_image_side, family)
-    except ValueError as error:
+        backend = None
+        if args.backend == "openai":  # a server that is down fails here, before any work
+            plain = not args.use_checkpoint_generation_config
+            backend = OpenAIBackend(
+                args.base_url, args.api_key, args.served_model, args.max_new_tokens, args.concurrency, plain_greedy=plain,
+                logprobs=args.server_logprobs, confidence_rule=args.confidence_rule,
+            )  # fmt: skip
+    except (ValueError, ServerUnreachable) as error:
         raise SystemExit(f"error: {error}") from error
-    fingerprint = run_fingerprint(args, settings)
+    fingerprint = run_fingerprint(args, settings, backend and backend.served_model)
     os.makedirs(args.output_dir, exist_ok=True)
     try:
         done = read_partial_runs(args.output_dir, fingerprint)
     except ValueError as error:
         raise SystemExit(str(error)) from error
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)
-    checkpoint_config = model.generation_config
-    if not args.use_checkpoint_generation_config:
-        model.generation_config = plain_greedy(checkpoint_config)  # before PeftModel, which generates with it
-    if args.adapter:
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.to(state.device).eval()
+    if backend is None:
+        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        checkpoint_config = model.generation_config
+        if not args.use_checkpoint_generation_config:
+            model.generation_config = plain_greedy(checkpoint_config)  # before PeftModel, which generates with it
+        if args.adapter:
+            model = PeftModel.from_pretrained(model, args.adapter)
+        model.to(state.device).eval()
 
     # Whole batches go to each process, so every batch (and its padding) is the one a single process would run.
     batch_starts = list(range(0, len(rows), args.batch_size))
     todo = [start for start in batch_starts if start not in done]
     if state.is_main_process:
-        print(f"{len(rows)} test samples, {state.num_processes} process(es) on {state.device}, {settings}")
+        where = f"{backend.served_model} at {args.base_url}" if backend else str(state.device)
+        print(f"{len(rows)} test samples, {state.num_processes} process(es), {where}, {settings}")
         decoding = "the checkpoint's generation_config" if args.use_checkpoint_generation_config else "plain greedy"
-        print(f"decoding: {decoding} (the checkpoint's repetition_penalty is {checkpoint_config.repetition_penalty})")
+        if backend is None:
+            decoding += f" (the checkpoint's repetition_penalty is {checkpoint_config.repetition_penalty})"
+        print(f"decoding: {decoding}")
         if done:
             print(f"resuming: {len(done)} of {len(batch_starts)} batches already in {args.output_dir}")
     state.wait_for_everyone()  # every process has read the partial files before any appends to them
     partial = open_partial_file(args.output_dir, state.process_index, fingerprint)
     with state.split_between_processes(todo) as starts, partial:
-        for start in tqdm(starts, desc="generating", disable=not state.is_local_main_process):
+        progress = tqdm(total=sum(len(rows[start : start + args.batch_size]) for start in starts), desc="generating",
+                        unit="sample", disable=not state.is_local_main_process)  # fmt: skip
+        for start in starts:
             batch = rows[start : start + args.batch_size]
-            batch_predictions = predict(
-                model, processor, batch, settings, args.batch_size, args.max_new_tokens, False, args.confidence_rule
-            )
+            if backend is None:
+                batch_predictions = predict(
+                    model, processor, batch, settings, args.batch_size, args.max_new_tokens, False, args.confidence_rule
+                )
+                progress.update(len(batch))
+            else:
+                try:
+                    batch_predictions = backend.predict(batch, settings, progress)
+                except ServerUnreachable as error:
+                    finished = f"finished batches are kept in {args.output_dir}: run the same command to resume"
+                    raise SystemExit(f"error: {error}; {finished}") from error
             partial.write(json.dumps({"batch_start": start, "predictions": batch_predictions}) + "\n")
             partial.flush()
+        progress.close()
     state.wait_for_everyone()
     if not state.is_main_process:
         return

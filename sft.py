@@ -25,7 +25,7 @@ from training import (
     DataTrainingArguments,
     LoraArguments,
     ModelArguments,
-    SaveImageSettings,
+    SaveInferenceFiles,
     SFTTrainingArguments,
     Trainer,
     check_config,
@@ -81,6 +81,9 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
                 training_args.per_device_eval_batch_size, log_to_swanlab=bool(swanlab_loggers),
             )  # fmt: skip
     model = load_model(model_args, lora_args, training_args, family)
+    inference_files = SaveInferenceFiles(
+        data_collator.image_settings, model_args.model_name_or_path, data_args.train_dataset_name
+    )
 
     trainer = Trainer(
         model=model,
@@ -89,10 +92,10 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         processing_class=processor,
-        callbacks=[SaveImageSettings(data_collator.image_settings), save_and_stop, *swanlab_loggers],
+        callbacks=[inference_files, save_and_stop, *swanlab_loggers],
         generation_eval=generation_eval,
     )
-    return train_and_save(trainer, last_checkpoint, data_collator.image_settings, save_and_stop)
+    return train_and_save(trainer, last_checkpoint, inference_files, save_and_stop)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_liger_kernel_available
 
 from checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, ConvertedCheckpointLoading
+from model_card import last_eval_metrics, write_model_card
 from utils import DEFAULT_MAX_IMAGE_SIDE, load_sft_jsonl
 from vision_datacollator import PADDING_MODES, TOO_LONG_ACTIONS, vision_data_collator_map
 
@@ -301,15 +302,26 @@ class Trainer(ConvertedCheckpointLoading, transformers.Trainer):
         return output
 
 
-class SaveImageSettings(TrainerCallback):
-    """Every checkpoint gets the image settings too, so any checkpoint can be used for inference."""
+class SaveInferenceFiles(TrainerCallback):
+    """Every checkpoint, and the final save, gets what inference needs beside the weights and processor (which
+    Trainer saves): the image settings, a generation config (a LoRA adapter has none of its own) and the model
+    card, so any of them can be used, served or handed over (model_card.py)."""
 
-    def __init__(self, image_settings):
-        self.image_settings = image_settings
+    def __init__(self, image_settings, base_model, dataset):
+        self.image_settings, self.base_model, self.dataset = image_settings, base_model, dataset
 
-    def on_save(self, args, state, control, **kwargs):
+    def save(self, directory, model, log_history) -> None:
+        self.image_settings.save(directory)
+        if not os.path.isfile(os.path.join(directory, "generation_config.json")):
+            model.generation_config.save_pretrained(directory)
+        adapter = os.path.isfile(os.path.join(directory, "adapter_config.json"))
+        metrics = last_eval_metrics(log_history)
+        write_model_card(directory, self.image_settings, self.base_model, self.dataset, metrics, adapter)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            self.image_settings.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.save(checkpoint_dir, model, state.log_history)
 
 
 def swanlab_callbacks(training_args) -> list:
@@ -323,9 +335,9 @@ def swanlab_callbacks(training_args) -> list:
     return [SwanLabCallback(project=os.getenv("SWANLAB_PROJECT"), experiment_name=training_args.run_name)]
 
 
-def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> int:
+def train_and_save(trainer, last_checkpoint, inference_files, save_and_stop) -> int:
     """The end every entry point shares: train (resuming from last_checkpoint), then save the model (or LoRA
-    adapter), processor, trainer state and image settings. Returns the exit status: 0, or
+    adapter), processor, trainer state and inference_files (a SaveInferenceFiles). Returns the exit status: 0, or
     PREEMPTED_EXIT_CODE when a signal stopped the run after saving a checkpoint."""
     state = trainer.accelerator.state
     logger.info(
@@ -336,21 +348,21 @@ def train_and_save(trainer, last_checkpoint, image_settings, save_and_stop) -> i
     )
     trainer.train(resume_from_checkpoint=last_checkpoint)
     if not save_and_stop.preempted:
-        save_final(trainer, image_settings)
+        save_final(trainer, inference_files)
     # Every rank leaves the process group before it exits: one that exited with it alive was once aborted
     # ("terminate called without an active exception", SIGABRT) after a complete ZeRO-3 save, failing the run.
     trainer.accelerator.end_training()
     return PREEMPTED_EXIT_CODE if save_and_stop.preempted else 0
 
 
-def save_final(trainer, image_settings) -> None:
+def save_final(trainer, inference_files) -> None:
     """The model (or, with LoRA, the adapter) and processor, with every rank taking part; then, on rank 0, the
-    trainer state, image settings, and the end of any PREEMPTED marker."""
+    trainer state, image settings, generation config and model card, and the end of any PREEMPTED marker."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        image_settings.save(output_dir)
-        logger.info("model, processor and image settings saved to %s", output_dir)
+        inference_files.save(output_dir, trainer.model, trainer.state.log_history)
+        logger.info("model, processor, image settings and model card saved to %s", output_dir)
         if os.path.exists(os.path.join(output_dir, PREEMPTED_MARKER)):
             os.remove(os.path.join(output_dir, PREEMPTED_MARKER))

@@ -8,7 +8,9 @@
 #
 # It runs in whatever Python environment it finds (PYTHON, default python) and skips, with a note, any
 # part whose package is missing (Liger, flash-attention), so an older preinstalled stack still gives
-# figures. Every part is scripts/benchmark.py: 3B architecture, random init, bf16, TextVQA-sized images.
+# figures. Every part is scripts/benchmark.py: 3B architecture, random init, bf16, TextVQA-sized images; the last
+# one, when vLLM is installed and a model dir is given, is scripts/benchmark_serving.py: vLLM against HF generate
+# on that model (samples/s, answers equal), on synthetic samples.
 # Environment: GPU_CHECK_OUT (default gpu_check.md), GPU_CHECK_MODEL (a model dir whose processor, i.e.
 # tokenizer, is used; default: the downloaded 3B if present, else the tiny model built on the fly).
 set -euo pipefail
@@ -59,6 +61,8 @@ part() {  # part TITLE ARGS...: one benchmark run, its tables appended; a failur
     echo "Python: $("$PYTHON" --version 2>&1); processor of: ${MODEL:-the tiny model (its token counts differ from the real tokenizer)}"
     has liger_kernel || echo "Skipped: Liger rows (liger-kernel not installed: pip install -r requirements-gpu.txt)"
     has flash_attn || echo "Skipped: flash_attention_2 rows (flash-attn not installed; it has no wheel on the index)"
+    has vllm || echo "Skipped: vLLM vs HF generate (vllm not installed: pip install vllm)"
+    [ -n "$MODEL" ] || echo "Skipped: vLLM vs HF generate (no model dir: GPU_CHECK_MODEL or models/Qwen2.5-VL-3B-Instruct)"
     echo "DeepSpeed is not used here: one GPU needs no ZeRO."
 } > "$OUT"
 
@@ -81,6 +85,23 @@ if has liger_kernel; then
 fi
 part "LoRA, the 24 GB config (configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml: batch 4, gradient checkpointing)" \
     --lora --gradient_checkpointing --skip loading encode inference --max_image_side "${SMALL[0]}" --max_seq_length "${SMALL[1]}" --layouts longest:4
+
+serving() {  # vLLM and HF generate on the same model and samples: scripts/benchmark_serving.py, its table appended
+    local data
+    data=$(mktemp -d)
+    echo -e "\n# Serving: vLLM vs HF generate on $MODEL\n" >> "$OUT"
+    if ! { "$PYTHON" scripts/make_synthetic_data.py --output_dir "$data/raw" --num_samples 64 --seed 5 &&
+        "$PYTHON" scripts/convert2sft_format.py --data_path "$data/raw" --save_path "$data" --type test \
+            --test_range 0:64 --num_workers 1 &&
+        timeout $((3 * PART_TIMEOUT)) "$PYTHON" scripts/benchmark_serving.py --model_name_or_path "$MODEL" \
+            --test_dataset_name "$data/test.jsonl" --server vllm --device cuda --limit 64 --batch_sizes 1 16 \
+            --concurrency 1 4 16 --server_log "$OUT.vllm.log" >> "$OUT"; } > /dev/null 2> "$OUT.err"; then
+        echo "**FAILED** (an error, or over $((3 * PART_TIMEOUT)) s); last lines of its stderr:" >> "$OUT"
+        tail -n 5 "$OUT.err" | sed 's/^/    /' >> "$OUT"
+    fi
+    rm -rf "$data"
+}
+if has vllm && [ -n "$MODEL" ]; then serving; fi
 
 rm -f "$OUT.err"
 cat "$OUT"

@@ -4,11 +4,14 @@
         --adapter outputs/cpu_lora --output_dir outputs/merged
 
 OUT receives the merged weights (in the base's dtype; the merge itself runs in float32), the
-processor, and the training's grounding_image_settings.json, so infer.py resizes images as
-training did. It is written under a temporary name and renamed at the end: never half-written.
+processor with its chat template, the generation config, the training's grounding_image_settings.json
+(so infer.py and servers resize images as training did) and a model card README.md (model_card.py:
+the frame, prompt, coordinates, how to serve, the adapter's last evaluation). It is written under a
+temporary name and renamed at the end: never half-written.
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model_card import card_metadata, last_eval_metrics, write_model_card  # noqa: E402
 from model_families import check_settings_family, detect_family  # noqa: E402
 from utils import IMAGE_SETTINGS_FILE, ImageSettings, processor_dir  # noqa: E402
 
@@ -41,6 +45,15 @@ def untie_adapted_embeddings(model: PeftModel) -> bool:
     lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone())
     model.config.tie_word_embeddings = False
     return True
+
+
+def adapter_eval_metrics(adapter_dir) -> dict:
+    """The last evaluation of the adapter's training (its trainer_state.json), {} without one."""
+    path = os.path.join(adapter_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return last_eval_metrics(json.load(f).get("log_history", []))
 
 
 def main():
@@ -100,6 +113,10 @@ def main():
         processor.save_pretrained(tmp_dir)
         if settings_dir is not None:
             shutil.copy2(os.path.join(settings_dir, IMAGE_SETTINGS_FILE), tmp_dir)
+            dataset = card_metadata(args.adapter).get("datasets", [None])[0]
+            settings = ImageSettings.load(settings_dir)
+            metrics = adapter_eval_metrics(args.adapter)
+            write_model_card(tmp_dir, settings, args.base_model, dataset, metrics, name=os.path.basename(output_dir))
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty, checked above
         os.replace(tmp_dir, output_dir)

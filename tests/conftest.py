@@ -16,7 +16,9 @@ sys.path.insert(0, REPO_DIR)
 
 # The longest files first (docs/testing.md has the durations): scripts/test.sh runs files on parallel workers,
 # which then finish together instead of one worker running a long file alone at the end.
-LONGEST_FILES_FIRST = ("test_sft.py", "test_demo.py", "test_infer.py", "test_grpo.py", "test_convert.py")
+LONGEST_FILES_FIRST = (
+    "test_sft.py", "test_demo.py", "test_infer.py", "test_serving.py", "test_grpo.py", "test_convert.py"
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
