@@ -355,3 +355,32 @@ def test_refcoco_schema_gives_one_row_per_expression(env, tmp_path):
     assert "every test row has the query 'Please carefully observe" in result.stderr
     result = run_script(SCRIPT, *arguments[:-1], "val", "--test_range", "0:", env=env, check=False)
     assert result.returncode != 0 and "no --split val" in result.stderr and "testA" in result.stderr
+
+
+def test_vqa_task_writes_the_most_common_answer_and_keeps_all(synthetic_dataset_dir, env, tmp_path):
+    dataset = load_dataset(synthetic_dataset_dir, split="train").select(range(6))
+    answers = [
+        ["Two", "2", "two.", "the two"] + ["three"] * 3 + ["4"] * 3,  # "2" in four spellings wins only normalised
+        ["coca cola"] * 4 + ["Coca-Cola"] * 4 + ["pepsi"] * 2,  # a tie: the first answer's
+        ["stop"] * 10,
+        [],  # no human answer: skipped
+        ["yes"] * 3 + ["no"] * 7,
+        ["red"] * 10,
+    ]
+    rows = [{**row, "answer": row_answers} for row, row_answers in zip(dataset, answers)]
+    rows[2]["bbox"] = [5.0, 5.0, 0.0, 9.0]  # a bad box does not matter to the question
+    source_dir = tmp_path / "source"
+    Dataset.from_list(rows, features=dataset.features).to_parquet(str(source_dir / "data" / "train-00000-of-00001.parquet"))
+    ranges = ["--train_range", "0:4", "--val_range", "4:5", "--test_range", "5:6", "--num_workers", "1"]
+    run_script(SCRIPT, "--data_path", source_dir, "--save_path", tmp_path / "out", "--task", "vqa", *ranges, env=env)
+
+    assert not (tmp_path / "out" / "train.jsonl").exists()  # the grounding files are another task's
+    train = load_sft_jsonl(str(tmp_path / "out" / "train_vqa.jsonl"))
+    question = dataset[0]["question"]
+    assert [row["assistant"] for row in train] == ["Two", "coca cola", "stop"]
+    assert [row["answers"] for row in train] == answers[:3]
+    assert train[0]["user"] == f"{question} Answer the question using a single word or phrase."
+    assert all(os.path.isfile(row["image"][0]) and "/train_vqa/" in row["image"][0] for row in train)
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped_train_vqa.jsonl")]
+    assert [(entry["row"], entry["reason"].split(":")[0]) for entry in skipped] == [(3, "missing or empty human answers")]
+    assert [row["assistant"] for row in load_sft_jsonl(str(tmp_path / "out" / "val_vqa.jsonl"))] == ["no"]
