@@ -143,14 +143,15 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     save_and_stop = checkpoints.SaveAndStopOnSignal()
     training_args.trust_remote_code = model_args.trust_remote_code
     training.name_run_dir(training_args)
-    training.check_config(data_args, training_args, model_args, lora_args)
+    one_file = [] if len(data_args.train_dataset_name or []) < 2 else ["train_dataset_name: grpo.py trains on one file"]
+    training.check_config(data_args, training_args, model_args, lora_args, one_file)
     rewards = reward_functions(reward_args.reward_funcs)
     family = detect_family(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
     image_settings = starting_image_settings(model_args, data_args, processor, family)
-    train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
+    train_dataset = load_prompts(data_args.train_dataset_name[0], image_settings, processor)
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
     last_checkpoint = checkpoints.find_checkpoint(training_args)
