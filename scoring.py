@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from answers import build_messages, parse_bbox, read_answer_box
+from answers import answer_kind, build_messages, parse_bbox, read_answer_box
 from model_families import box_from_answer
 from utils import box_ious, check_processor_kept_frame, load_image, to_model_frame
 
@@ -71,7 +71,9 @@ def generate_boxes(model, processor, batch, images, originals, settings, max_new
     """One generate call for the readable samples of a batch; boxes mapped from the model frame to original pixels."""
     if not batch:
         return []
-    prompts = [processor.apply_chat_template(build_messages(row["user"]), add_generation_prompt=True) for row in batch]
+    # Each row is asked as it was trained: a text question (general VQA) without the box instruction.
+    messages = [build_messages(row["user"], answer_kind(row["assistant"])) for row in batch]
+    prompts = [processor.apply_chat_template(message, add_generation_prompt=True) for message in messages]
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt").to(model.device)
     for row, image, image_grid_thw in zip(batch, images, inputs["image_grid_thw"].tolist()):
         check_processor_kept_frame(row["image"][0], image.size, image_grid_thw, settings.patch_size)
