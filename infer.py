@@ -195,8 +195,10 @@ def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
 
 
 def text_rows(rows) -> list[bool]:
-    """Which rows are general questions with a text answer (VQA accuracy), not grounding (boxes)."""
-    return [answer_kind(row["assistant"]) == TEXT for row in rows]
+    """Which rows are general questions with a text answer (VQA accuracy), not grounding (boxes). A response that
+    opens a JSON object or list is meant as boxes: a malformed one ('{"bbox": ...}') fails in read_true_boxes
+    rather than being scored as text."""
+    return [answer_kind(row["assistant"]) == TEXT and not row["assistant"].lstrip().startswith(("{", "[")) for row in rows]
 
 
 def evaluate_both_tasks(rows, is_text, true_boxes, predictions) -> tuple[list[dict], dict]:
