@@ -10,9 +10,9 @@ With --schema refcoco the same images get lmms-lab/RefCOCO's columns instead: qu
 question (the same instruction on every row), answer (the referring expressions), segmentation,
 bbox (COCO [x, y, width, height]), iscrowd, file_name, in DIR/data/{--split}-00000-of-00001.parquet.
 
-With --general_questions the images hold one to three objects, all of different colours and shapes, and
-each question is about the image in general, answered by a word (ten identical human answers): "what colour
-is the circle?", "what shape is the red object?" or "how many objects are there?". Converted with
+With --general_questions the images hold one to three objects of one colour and one shape, and each question
+is about the image as a whole, answered by a word (ten identical human answers): "what colour are the
+objects?", "what shape are the objects?" or "how many objects are there?". Converted with
 `convert2sft_format.py --task vqa`, this is the general task that scripts/retention_study.sh teaches first.
 
     python scripts/make_synthetic_data.py --output_dir data/synthetic_textvqa --num_samples 2000
@@ -185,27 +185,28 @@ def make_sample(rng: random.Random, index: int, args) -> dict:
 
 
 def make_general_sample(rng: random.Random, index: int, args) -> dict:
-    """One to three objects with no colour or shape twice, and a colour, shape or count question about them."""
+    """One to three objects of one colour and shape, and a colour, shape or count question about them all (no
+    question names one object: the tiny model learns these within minutes, see scripts/retention_study.sh)."""
     width = height = args.max_side  # fixed size: the general task is about what, not where
     image = PILImage.new("RGB", (width, height), tuple(rng.randint(200, 255) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     count = rng.randint(1, 3)
-    colors, shapes = rng.sample(args.colors, count), rng.sample(args.shapes, count)
+    color, shape = rng.choice(args.colors), rng.choice(args.shapes)
     boxes = []
     for _attempt in range(1000):
-        box = random_box(rng, width, height, shapes[len(boxes)], args.min_object, args.max_object, args.sizes)
+        box = random_box(rng, width, height, shape, args.min_object, args.max_object, args.sizes)
         boxes += [] if overlaps(box, boxes) else [box]
         if len(boxes) == count:
             break
     else:
         raise SystemExit(f"sample {index}: {count} objects of side up to --max_object {args.max_object} do not fit")
-    for color, shape, box in zip(colors, shapes, boxes):
+    for box in boxes:
         draw_shape(draw, shape, box, COLORS[color])
     kind = rng.choice(["colour", "shape", "count"])
     if kind == "colour":
-        question, answer = f"what colour is the {shapes[0]}?", colors[0]
+        question, answer = "what colour are the objects?", color
     elif kind == "shape":
-        question, answer = f"what shape is the {colors[0]} object?", shapes[0]
+        question, answer = "what shape are the objects?", shape
     else:
         question, answer = "how many objects are there?", str(count)
     x1, y1, x2, y2 = boxes[0]
@@ -247,8 +248,6 @@ def main():
     parser.add_argument("--schema", choices=["textvqa", "refcoco"], default="textvqa", help="which dataset's columns")
     parser.add_argument("--split", default="train", help="the split the parquet file is named after")
     args = parser.parse_args()
-    if args.general_questions and min(len(args.colors), len(args.shapes)) < 3:
-        parser.error("--general_questions draws up to three objects of different colours and shapes: give 3 of each")
     if len(args.colors) * len(args.shapes) < 2:
         parser.error("need at least two colour/shape combinations so distractors can differ from the target")
 
