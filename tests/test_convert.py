@@ -384,3 +384,27 @@ def test_vqa_task_writes_the_most_common_answer_and_keeps_all(synthetic_dataset_
     skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped_train_vqa.jsonl")]
     assert [(entry["row"], entry["reason"].split(":")[0]) for entry in skipped] == [(3, "missing or empty human answers")]
     assert [row["assistant"] for row in load_sft_jsonl(str(tmp_path / "out" / "val_vqa.jsonl"))] == ["no"]
+
+
+def test_general_questions_are_answered_by_the_image(env, tmp_path):
+    """make_synthetic_data.py --general_questions: the colour answered is the objects' colour, the only named
+    colour drawn, and the count answered is the number of separate objects of it."""
+    from scipy import ndimage
+
+    colors = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+    run_script(
+        "scripts/make_synthetic_data.py", "--output_dir", tmp_path, "--general_questions", "--num_samples", 24,
+        "--max_side", 112, "--min_object", 0.25, "--max_object", 0.35, "--colors", *colors, "--seed", 3,
+    )  # fmt: skip
+    kinds = set()
+    for row in load_dataset(str(tmp_path), split="train"):
+        pixels = np.asarray(row["image"])
+        drawn = [name for name, rgb in colors.items() if (pixels == rgb).all(axis=-1).any()]
+        assert len(drawn) == 1 and len(set(row["answer"])) == 1
+        masks, count = ndimage.label((pixels == colors[drawn[0]]).all(axis=-1))
+        question, answer = row["question"], row["answer"][0]
+        kind = question.split()[1]  # colour, shape or many
+        kinds.add(kind)
+        expected = {"colour": drawn[0], "many": str(count)}.get(kind)
+        assert kind == "shape" and answer in ("square", "circle", "triangle") or answer == expected, (question, answer)
+    assert kinds == {"colour", "shape", "many"}
