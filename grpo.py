@@ -153,7 +153,8 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     save_and_stop = checkpoints.SaveAndStopOnSignal()
     training_args.trust_remote_code = model_args.trust_remote_code
     training.name_run_dir(training_args)
-    training.check_config(data_args, training_args, model_args, lora_args)
+    one_file = [] if len(data_args.train_dataset_name or []) < 2 else ["train_dataset_name: grpo.py trains on one file"]
+    training.check_config(data_args, training_args, model_args, lora_args, one_file)
     rewards = reward_functions(reward_args.reward_funcs)
     # The same prompt as sft.py's and infer.py's (answers.render_prompt); the user's own keys win.
     training_args.chat_template_kwargs = {**CHAT_TEMPLATE_KWARGS, **(training_args.chat_template_kwargs or {})}
@@ -162,9 +163,9 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
         model_args.processor_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
     image_settings = starting_image_settings(model_args, data_args, processor, family)
-    train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
+    train_dataset = load_prompts(data_args.train_dataset_name[0], image_settings, processor)
     # with_format(None): the kinds alone, without the transform decoding every image.
-    check_rewards_cover(reward_args.reward_funcs, train_dataset.with_format(None)["kind"], data_args.train_dataset_name)
+    check_rewards_cover(reward_args.reward_funcs, train_dataset.with_format(None)["kind"], data_args.train_dataset_name[0])
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
     last_checkpoint = checkpoints.find_checkpoint(training_args)

@@ -11,7 +11,9 @@ of HF generate; --model_name_or_path still names the trained directory, for its 
 
 A base model works too (zero-shot). The prompt and the image resize are training's (utils.py and
 the grounding_image_settings.json saved beside the model); predicted boxes are mapped back to
-original pixels before scoring. OUT receives predictions.jsonl, metrics.json and vis/.
+original pixels before scoring. OUT receives predictions.jsonl, metrics.json and vis/. Rows with a text
+answer (the converter's --task vqa) are general questions: scored by VQA accuracy (vqa_accuracy.py) as
+metrics.json's vqa_accuracy, their raw answers kept in predictions.jsonl; a test file may mix both tasks.
 
 Decoding is plain greedy whatever the checkpoint's generation_config.json says (Qwen2.5-VL's sets
 repetition_penalty 1.05, which penalises the digits a box repeats); --use_checkpoint_generation_config
@@ -34,6 +36,7 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from answers import TEXT, answer_kind
 from backends import OpenAIBackend, ServerUnreachable
 from confidence import CONFIDENCE_RULES, DEFAULT_CONFIDENCE_RULE, abstain_below
 from generation import plain_greedy, predict
@@ -49,6 +52,7 @@ from utils import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from vqa_accuracy import score_text_answers
 
 
 def parse_args():
@@ -218,14 +222,34 @@ def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
     swanlab.finish()
 
 
+def text_rows(rows) -> list[bool]:
+    """Which rows are general questions with a text answer (VQA accuracy), not grounding (boxes). A response that
+    opens a JSON object or list is meant as boxes (answers.answer_kind): a malformed one ('{"bbox": ...}') fails
+    in read_true_boxes rather than being scored as text."""
+    return [answer_kind(row["assistant"]) == TEXT for row in rows]
+
+
+def evaluate_both_tasks(rows, is_text, true_boxes, predictions) -> tuple[list[dict], dict]:
+    """predictions.jsonl's records in the rows' order and the metrics: the grounding figures of the box rows
+    (scoring.evaluate) plus the VQA accuracy of the text rows."""
+    box_pairs = [(row, p) for row, p, text in zip(rows, predictions, is_text) if not text]
+    text_pairs = [(row, p) for row, p, text in zip(rows, predictions, is_text) if text]
+    box_records, metrics = evaluate([row for row, _ in box_pairs], true_boxes, [p for _, p in box_pairs])
+    text_records, text_metrics = score_text_answers([row for row, _ in text_pairs], [p for _, p in text_pairs])
+    box_iter, text_iter = iter(box_records), iter(text_records)
+    records = [next(text_iter) if text else next(box_iter) for text in is_text]
+    return records, metrics | text_metrics
+
+
 def main():
     args = parse_args()
     state = PartialState(cpu=not torch.accelerator.is_available())  # several CPU processes talk over gloo
     rows = load_sft_jsonl(args.test_dataset_name)[: args.limit]
     if not rows:
         raise SystemExit(f"{args.test_dataset_name}: no test samples")
-    try:
-        true_boxes = read_true_boxes(args.test_dataset_name, rows)  # before the model loads: fails in seconds
+    is_text = text_rows(rows)
+    try:  # before the model loads: fails in seconds
+        true_boxes = read_true_boxes(args.test_dataset_name, [row for row, text in zip(rows, is_text) if not text])
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from error
 
@@ -299,7 +323,7 @@ def main():
     done = read_partial_runs(args.output_dir, fingerprint)
     predictions = [prediction for start in batch_starts for prediction in done[start]]
     abstained, dropped_boxes = abstain_below(predictions, args.min_confidence)  # after resuming: not in the fingerprint
-    records, metrics = evaluate(rows, true_boxes, predictions)
+    records, metrics = evaluate_both_tasks(rows, is_text, true_boxes, predictions)
     metrics = {
         "model": args.adapter or args.model_name_or_path,
         "test_dataset": args.test_dataset_name,
@@ -313,13 +337,17 @@ def main():
     for record in records:
         if record["error"]:
             print(f"warning: {record['image']} not scored: {record['error']}")
-    picture_paths = save_pictures([r for r in records if r["error"] is None], args.output_dir, args.num_vis)
+    boxes_drawn = [r for r in records if ("gt_bbox" in r or "gt_boxes" in r) and r["error"] is None]
+    picture_paths = save_pictures(boxes_drawn, args.output_dir, args.num_vis)
     write_jsonl_atomic(os.path.join(args.output_dir, "predictions.jsonl"), records)
     write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
     for path in glob.glob(os.path.join(args.output_dir, PARTIAL_PATTERN)):
         os.remove(path)  # after the final files exist: a kill before this only repeats the writing
     model_name = os.path.basename(os.path.normpath(args.adapter or args.model_name_or_path))
-    print("\n" + summary_table(model_name, metrics))
+    if metrics["num_samples"] or "num_list_samples" in metrics or metrics["failed_samples"]:
+        print("\n" + summary_table(model_name, metrics))
+    if metrics["vqa_num_samples"]:
+        print(f"\nVQA accuracy of {metrics['vqa_num_samples']} text answers: {metrics['vqa_accuracy']:.4f}")
     print(f"predictions, metrics and pictures written to {args.output_dir}")
     if args.report_to == "swanlab":
         log_to_swanlab(args, model_name, metrics, picture_paths)

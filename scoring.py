@@ -293,11 +293,10 @@ def detection_map(samples) -> dict:
     reference implementation) over samples given as (true boxes, predicted boxes, confidences), each
     sample one image and the query its one class; twice: with the confidences, and with every score set
     to 1, as evaluations of text-answering models usually report it ("_const")."""
-    metrics = {}
+    metrics = {f"{key}{suffix}": None for suffix in ("", "_const") for key in ("map", "map_50", "map_75")}
     have_confidences = all(None not in confidences for _, _, confidences in samples)
     for suffix, constant in (("", False), ("_const", True)):
-        if not (constant or have_confidences):  # a backend without token probabilities: constant scores only
-            metrics |= {"map": None, "map_50": None, "map_75": None}
+        if not samples or not (constant or have_confidences):  # without token probabilities: constant scores only
             continue
         # Every sample is already here (infer.py scores on its main process): no gathering across processes.
         mean_ap = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)

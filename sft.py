@@ -4,8 +4,9 @@
     accelerate launch --config_file configs/deepspeed_bf16_zero2.yaml --num_processes 8 \
         sft.py --config configs/SFT_Qwen2_5-VL-3B-Instruct_vqa.yaml
 
-Every YAML key can be overridden on the command line (`--max_steps 100`). The keys are the fields
-of the dataclasses in training.py and generation_eval.py plus transformers' TrainingArguments. The run
+Several train_dataset_name files are mixed by train_dataset_weights (data_mixing.py: the mix is logged at
+start, each source's loss in every training log). Every YAML key can be overridden on the command line
+(`--max_steps 100`). The keys are the fields of the dataclasses in training.py and generation_eval.py plus transformers' TrainingArguments. The run
 is written to `<parent of output_dir>/<gpu|cpu>_<name of output_dir>` (the tutorial's naming); an existing run
 there is resumed from its newest complete checkpoint. SIGTERM/SIGINT saves a checkpoint and exits
 with checkpoints.PREEMPTED_EXIT_CODE (75); the same command then resumes.
@@ -19,6 +20,7 @@ from transformers import AutoProcessor
 from trl import TrlParser
 
 from checkpoints import SaveAndStopOnSignal, find_checkpoint
+from data_mixing import mix_sources, source_names
 from generation_eval import GenerationEvalArguments, GenerationEvaluation, generation_eval_problems
 from model_families import detect_family
 from training import (
@@ -50,10 +52,12 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
     name_run_dir(training_args)
     generation_problems = generation_eval_problems(generation_args, training_args)
     check_config(data_args, training_args, model_args, lora_args, generation_problems)
-    train_dataset = load_rows(data_args.train_dataset_name)
+    train_paths = data_args.train_dataset_name
+    train_sources = [load_rows(path) for path in train_paths]
     eval_dataset = load_rows(data_args.test_dataset_name) if training_args.eval_strategy != "no" else None
     last_checkpoint = find_checkpoint(training_args)
-    logger.info("train samples: %d, eval samples: %s", len(train_dataset), eval_dataset and len(eval_dataset))
+    train_counts = ", ".join(str(len(source)) for source in train_sources)
+    logger.info("train samples: %s, eval samples: %s", train_counts, eval_dataset and len(eval_dataset))
 
     family = detect_family(model_args.model_name_or_path)
     logger.info("model family: %s (%s, answers in %s)", family.model_type, family.name, family.coordinate_system)
@@ -70,7 +74,11 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
         family=family,
     )
     show_progress = training_args.should_log
-    train_dataset = drop_too_long(train_dataset, data_collator, data_args.train_dataset_name, show_progress)
+    train_sources = [drop_too_long(d, data_collator, path, show_progress) for d, path in zip(train_sources, train_paths)]
+    train_dataset = mix_sources(
+        train_sources, train_paths, data_args.train_dataset_weights, data_args.mixing_stopping_strategy,
+        training_args.seed,
+    )  # fmt: skip
     swanlab_loggers = swanlab_callbacks(training_args)
     generation_eval = None
     if eval_dataset is not None:
@@ -94,6 +102,7 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
         processing_class=processor,
         callbacks=[inference_files, save_and_stop, *swanlab_loggers],
         generation_eval=generation_eval,
+        source_names=source_names(train_paths) if len(train_paths) > 1 else (),
     )
     return train_and_save(trainer, last_checkpoint, inference_files, save_and_stop)
 

@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_liger_kernel_available
 
 from checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, ConvertedCheckpointLoading
+from data_mixing import SourceLosses, mixing_problems
 from model_card import last_eval_metrics, write_model_card
 from utils import DEFAULT_MAX_IMAGE_SIDE, load_sft_jsonl
 from vision_datacollator import PADDING_MODES, TOO_LONG_ACTIONS, vision_data_collator_map
@@ -26,8 +27,23 @@ TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass
 class DataTrainingArguments:
-    train_dataset_name: str | None = field(
-        default=None, metadata={"help": "Training JSONL written by scripts/convert2sft_format.py."}
+    train_dataset_name: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Training JSONL written by scripts/convert2sft_format.py, or a list of them to mix "
+            "(train_dataset_weights; data_mixing.py)."
+        },
+    )
+    train_dataset_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Relative weight of each train_dataset_name file in the mix, e.g. [0.8, 0.2]; default equal."},
+    )
+    mixing_stopping_strategy: str = field(
+        default="first_exhausted",
+        metadata={
+            "help": "datasets.interleave_datasets' stopping_strategy: first_exhausted ends the epoch when a source "
+            "runs out (no row repeats), all_exhausted oversamples until every source has run out once."
+        },
     )
     test_dataset_name: str | None = field(
         default=None, metadata={"help": "Evaluation JSONL; required when eval_strategy is not 'no'."}
@@ -53,6 +69,10 @@ class DataTrainingArguments:
     too_long: str = field(
         default="drop", metadata={"help": f"What to do with a sample over max_seq_length: {TOO_LONG_ACTIONS}."}
     )
+
+    def __post_init__(self):
+        if isinstance(self.train_dataset_name, str):  # a single file, as the tutorial's YAML gives it
+            self.train_dataset_name = [self.train_dataset_name]
 
 
 @dataclass
@@ -180,12 +200,16 @@ def check_config(data_args, training_args, model_args, lora_args, more_problems=
     if training_args.remove_unused_columns:
         problems.append("remove_unused_columns: must be false, the collator reads the raw image/user/assistant columns")
     evaluating = training_args.eval_strategy != "no"
-    for key, needed in (("train_dataset_name", True), ("test_dataset_name", evaluating)):
-        path = getattr(data_args, key)
+    files = [("train_dataset_name", path, True) for path in data_args.train_dataset_name or [None]]
+    for key, path, needed in files + [("test_dataset_name", data_args.test_dataset_name, evaluating)]:
         if path is None and needed:
             problems.append(f"{key}: not set" + (" (needed by eval_strategy)" if evaluating else ""))
         elif needed and not os.path.isfile(path):
             problems.append(f"{key}: file not found: {path} (write it with scripts/convert2sft_format.py)")
+    if data_args.train_dataset_name:
+        problems += mixing_problems(
+            data_args.train_dataset_name, data_args.train_dataset_weights, data_args.mixing_stopping_strategy
+        )
     if problems:
         raise ValueError("bad config:\n  - " + "\n  - ".join(problems))
 
@@ -284,13 +308,15 @@ def load_model(model_args, lora_args, training_args, family):
     return model
 
 
-class Trainer(ConvertedCheckpointLoading, transformers.Trainer):
-    """transformers' Trainer that restores converted checkpoints and, given generation_eval (a
+class Trainer(SourceLosses, ConvertedCheckpointLoading, transformers.Trainer):
+    """transformers' Trainer that restores converted checkpoints, logs each source's loss of a training mix
+    (source_names: data_mixing.source_names of the files) and, given generation_eval (a
     generation_eval.GenerationEvaluation), adds its box figures to every evaluation's metrics."""
 
-    def __init__(self, *args, generation_eval=None, **kwargs):
+    def __init__(self, *args, generation_eval=None, source_names=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
+        self.source_names = list(source_names)
 
     def evaluation_loop(self, *args, metric_key_prefix="eval", **kwargs):
         # Here rather than in a callback's on_evaluate: Trainer.evaluate logs the loop's metrics (to report_to and

@@ -175,7 +175,8 @@ def box_ious(predicted_boxes, true_boxes) -> list[float]:
 
 # ---------------------------------------------------------------- files
 def load_sft_jsonl(path: str) -> list[dict]:
-    """Read the converter's JSONL into rows {"image": [abs path], "user": query, "assistant": response}.
+    """Read the converter's JSONL into rows {"image": [abs path], "user": query, "assistant": response}, plus
+    "answers" (every human answer, for VQA accuracy) on a line that has them (the converter's --task vqa).
 
     Image paths are resolved relative to the JSONL's folder, so a dataset dir can be moved.
     A malformed line raises ValueError naming the file and line.
@@ -195,12 +196,16 @@ def load_sft_jsonl(path: str) -> list[dict]:
                     images = [images]
                 if len(images) != 1 or not isinstance(query, str) or not isinstance(response, str):
                     raise ValueError("expected one image path, a query string and a response string")
+                answers = record.get("answers")
+                if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+                    raise ValueError(f'"answers" must be a list of strings, got {answers!r}')
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise ValueError(
                     f"{path}:{line_number}: bad line ({error}); expected "
                     '{"image": [path], "query": str, "response": "{\\"bbox_2d\\": [...]}"}'
                 ) from error
-            rows.append({"image": [os.path.join(base_dir, images[0])], "user": query, "assistant": response})
+            row = {"image": [os.path.join(base_dir, images[0])], "user": query, "assistant": response}
+            rows.append(row if answers is None else row | {"answers": answers})
     return rows
 
 

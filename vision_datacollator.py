@@ -5,6 +5,8 @@ original pixels) becomes: the image resized once, straight to the frame the mode
 the family's coordinates of that frame; the chat prompt; labels on the answer only; and 3D mRoPE
 position ids computed by the family's own transformers `get_rope_index`. A list answer (answers.py:
 every object, or "[]") has each of its boxes mapped the same way; a text answer is trained as written.
+Rows of a training mix carry their source's number ("source", data_mixing.py); the batch then holds it per token
+as SOURCE_IDS, for the per-source losses, which is not a model input (the Trainer takes it out).
 """
 
 import logging
@@ -36,6 +38,7 @@ from utils import (
 logger = logging.getLogger(__name__)
 PADDING_MODES = ("max_length", "longest", "packed")
 TOO_LONG_ACTIONS = ("drop", "raise")
+SOURCE_IDS = "source_ids"
 
 
 class GroundingCollator:
@@ -136,8 +139,10 @@ class GroundingCollator:
             self.num_dropped += 1
             logger.warning("%s: dropped (%d dropped so far)", message, self.num_dropped)
             return None
-        return {
-            "input_ids": torch.cat([prompt_ids, answer_ids]),
+        input_ids = torch.cat([prompt_ids, answer_ids])
+        source_ids = {SOURCE_IDS: torch.full_like(input_ids, example["source"])} if "source" in example else {}
+        return source_ids | {
+            "input_ids": input_ids,
             "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]),
             "mm_token_type_ids": torch.cat(
                 [prompt_inputs["mm_token_type_ids"][0], torch.zeros_like(answer_ids, dtype=torch.int)]
@@ -170,7 +175,8 @@ class GroundingCollator:
         input_ids = pad([s["input_ids"] for s in samples], self.tokenizer.pad_token_id)
         attention_mask = pad([torch.ones_like(s["input_ids"]) for s in samples], 0)
         mm_token_type_ids = pad([s["mm_token_type_ids"] for s in samples], 0)
-        return {
+        source_ids = {SOURCE_IDS: pad([s[SOURCE_IDS] for s in samples], 0)} if SOURCE_IDS in samples[0] else {}
+        return source_ids | {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": pad([s["labels"] for s in samples], IGNORE_INDEX),
@@ -193,7 +199,8 @@ class GroundingCollator:
             ],
             dim=2,
         )
-        return {
+        source_ids = {SOURCE_IDS: torch.cat([s[SOURCE_IDS] for s in samples])[None]} if SOURCE_IDS in samples[0] else {}
+        return source_ids | {
             "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
             "labels": torch.cat([s["labels"] for s in samples])[None],
             "mm_token_type_ids": torch.cat([s["mm_token_type_ids"] for s in samples])[None],

@@ -29,6 +29,16 @@ Splits are by image, not by row: TextVQA asks several questions about one image,
 val, train. So test keeps all its rows, no image is in two splits, and each row left out is counted and
 listed in skipped_{split}.jsonl with the row that keeps its image.
 
+--task vqa writes the general task from the same rows instead: question -> answer, for mixing into grounding
+training (sft.py's train_dataset_weights) and for measuring what grounding SFT forgets (infer.py's
+vqa_accuracy). The target is the most common human answer (counted after VQA normalisation, written as a
+human spelled it), the question gets VQA_INSTRUCTION, and all human answers are kept for scoring; the files
+are {split}_vqa.jsonl, skipped_{split}_vqa.jsonl and {split}_vqa/ beside the grounding ones, split by image
+exactly as they are. One line:
+
+    {"image": ["train_vqa/000123.jpg"], "query": "what is ...? Answer the question using a single word or phrase.",
+     "response": "coca cola", "answers": ["coca cola", "coca-cola", ...]}
+
 --data_path takes: a local dir of parquet shards (Hub layout data/train-*.parquet, or a ModelScope
 download, whose legacy dataset_infos.json is ignored, never edited), a `save_to_disk` dir, a
 Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a ModelScope id
@@ -36,6 +46,7 @@ Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a M
 """
 
 import argparse
+import collections
 import glob
 import hashlib
 import itertools
@@ -56,10 +67,14 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from answers import format_answer, valid_box_values  # noqa: E402
 from utils import clip_box  # noqa: E402
+from vqa_accuracy import normalize_answer  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 # Held-out splits claim their images first: a row whose image an earlier split here holds is left out.
 CLAIM_ORDER = ("test", "val", "train")
+# The short-answer instruction of Qwen2.5-VL's and LLaVA's VQA evaluations: a text question carries its own
+# (answers.build_messages adds the box instruction to single-box questions only).
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
 def parse_range(text: str) -> tuple[int, int | None]:
@@ -130,17 +145,53 @@ def rows_on_claimed_images(dataset, ranges: dict[str, range]) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------- one row, in a worker process
-_dataset = _split = _image_dir = _bbox_format = _query_column = None
+_dataset = _split = _image_dir = _bbox_format = _query_column = _task = None
 
 
-def init_worker(dataset, split, image_dir, bbox_format, query_column):
-    global _dataset, _split, _image_dir, _bbox_format, _query_column
-    _dataset, _split, _image_dir, _bbox_format, _query_column = dataset, split, image_dir, bbox_format, query_column
+def init_worker(dataset, split, image_dir, bbox_format, query_column, task):
+    global _dataset, _split, _image_dir, _bbox_format, _query_column, _task
+    _dataset, _split, _image_dir, _bbox_format, _query_column, _task = (
+        dataset, split, image_dir, bbox_format, query_column, task
+    )  # fmt: skip
 
 
 def init_pool_worker(*args):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     init_worker(*args)
+
+
+def decode_image(value) -> tuple:
+    """(RGB image, None), or (None, why not): the same decoding load_dataset does (EXIF orientation applied)."""
+    try:
+        return Image(mode="RGB").decode_example(value), None
+    except UnidentifiedImageError:  # its message holds a memory address: keep the reason reproducible
+        return None, "unreadable image: not in any format PIL can identify"
+    except (OSError, ValueError, SyntaxError, DecompressionBombError) as error:  # what PIL raises on bad bytes
+        return None, f"unreadable image: {type(error).__name__}: {error}"
+
+
+def most_common_answer(answers: list[str]) -> str:
+    """The answer most humans gave, counted after VQA normalisation, in the first spelling given (ties: the first)."""
+    counts = collections.Counter(map(normalize_answer, answers))
+    return next(answer for answer in answers if counts[normalize_answer(answer)] == max(counts.values()))
+
+
+def vqa_records(index: int, row: dict, queries: list[str]) -> tuple[int, list[dict], str | None]:
+    """--task vqa: one question -> answer record per query, keeping every human answer."""
+    answers = row["answer"]
+    if not answers or not all(isinstance(answer, str) and normalize_answer(answer) for answer in answers):
+        return index, [], f"missing or empty human answers: {answers!r}"
+    image, reason = decode_image(row["image"])
+    if reason is not None:
+        return index, [], reason
+    name = f"{index:06d}.jpg"
+    image.save(os.path.join(_image_dir, name), quality=95)
+    response = most_common_answer(answers)
+    return index, [
+        {"image": [f"{_split}_vqa/{name}"], "query": f"{query.strip()} {VQA_INSTRUCTION}", "response": response,
+         "answers": answers}
+        for query in queries
+    ], None  # fmt: skip
 
 
 def convert_row(index: int) -> tuple[int, list[dict], str | None]:
@@ -150,6 +201,8 @@ def convert_row(index: int) -> tuple[int, list[dict], str | None]:
     queries = question if isinstance(question, list) else [question]
     if not queries or not all(isinstance(query, str) and query.strip() for query in queries):
         return index, [], f"missing question: {question!r}"
+    if _task == "vqa":
+        return vqa_records(index, row, queries)
     if not valid_box_values(row["bbox"]):
         return index, [], f"bbox is not 4 finite numbers: {row['bbox']!r}"
     box = torch.tensor(row["bbox"], dtype=torch.float64)
@@ -158,12 +211,9 @@ def convert_row(index: int) -> tuple[int, list[dict], str | None]:
     x1, y1, x2, y2 = box.tolist()
     if x2 <= x1 or y2 <= y1:
         return index, [], f"zero or negative size: bbox {row['bbox']!r} ({_bbox_format})"
-    try:  # the same decoding load_dataset does (EXIF orientation applied), then RGB
-        image = Image(mode="RGB").decode_example(row["image"])
-    except UnidentifiedImageError:  # its message holds a memory address: keep the reason reproducible
-        return index, [], "unreadable image: not in any format PIL can identify"
-    except (OSError, ValueError, SyntaxError, DecompressionBombError) as error:  # what PIL raises on bad bytes
-        return index, [], f"unreadable image: {type(error).__name__}: {error}"
+    image, reason = decode_image(row["image"])
+    if reason is not None:
+        return index, [], reason
     x1, y1, x2, y2 = clip_box([math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)], image.size)
     if x2 <= x1 or y2 <= y1:
         width, height = image.size
@@ -177,20 +227,22 @@ def convert_row(index: int) -> tuple[int, list[dict], str | None]:
 # ---------------------------------------------------------------- one split
 def convert_split(
     dataset, split: str, rows: range, left_out: dict[int, str], save_path: str, bbox_format: str, query_column: str,
-    num_workers: int,
+    num_workers: int, task: str = "grounding",
 ) -> None:
-    """Convert `rows`, except those in `left_out` ({row: reason}), which are only listed in skipped_{split}.jsonl."""
+    """Convert `rows`, except those in `left_out` ({row: reason}), which are only listed in skipped_{split}.jsonl
+    (with --task vqa: {split}_vqa.jsonl and skipped_{split}_vqa.jsonl)."""
     kept = [index for index in rows if index not in left_out]
-    jsonl_path = os.path.join(save_path, f"{split}.jsonl")
-    skipped_path = os.path.join(save_path, f"skipped_{split}.jsonl")
-    image_dir = os.path.join(save_path, split)
+    stem = split if task == "grounding" else f"{split}_vqa"
+    jsonl_path = os.path.join(save_path, f"{stem}.jsonl")
+    skipped_path = os.path.join(save_path, f"skipped_{stem}.jsonl")
+    image_dir = os.path.join(save_path, stem)
     # Everything is written under *.partial names first and renamed at the end, so an interrupted
     # run never leaves a JSONL that looks complete. Leftovers of such a run are cleared here.
     partial_dir = image_dir + ".partial"
     shutil.rmtree(partial_dir, ignore_errors=True)
     os.makedirs(partial_dir)
 
-    worker_args = (dataset, split, partial_dir, bbox_format, query_column)
+    worker_args = (dataset, split, partial_dir, bbox_format, query_column, task)
     pool = Pool(num_workers, initializer=init_pool_worker, initargs=worker_args) if num_workers > 1 else None
     if pool is None:
         init_worker(*worker_args)
@@ -244,11 +296,15 @@ def main():
     parser.add_argument("--split", default="train", help="the source split to read (RefCOCO: val, test, testA, testB)")
     parser.add_argument("--query_column", default="question", help="column of the query; a list gives a row per item")
     parser.add_argument("--hub", choices=["huggingface", "modelscope"], default="huggingface", help="for dataset ids")
+    parser.add_argument(
+        "--task", choices=["grounding", "vqa"], default="grounding",
+        help="grounding: question -> box (the default); vqa: question -> most common human answer, *_vqa files",
+    )  # fmt: skip
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes saving images")
     args = parser.parse_args()
 
     dataset = load_source(args.data_path, args.hub, args.split)
-    missing = {"image", args.query_column, "bbox"} - set(dataset.column_names)
+    missing = {"image", args.query_column, "bbox" if args.task == "grounding" else "answer"} - set(dataset.column_names)
     if missing:
         raise SystemExit(f"{args.data_path}: missing columns {sorted(missing)}; found {dataset.column_names}")
     if isinstance(dataset.features["image"], Image):
@@ -284,7 +340,7 @@ def main():
         for split in splits:
             convert_split(
                 dataset, split, ranges[split], left_out[split], args.save_path, args.bbox_format, args.query_column,
-                args.num_workers,
+                args.num_workers, args.task,
             )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the split in progress left only *.partial files, cleared by a rerun") from None

@@ -10,6 +10,11 @@ With --schema refcoco the same images get lmms-lab/RefCOCO's columns instead: qu
 question (the same instruction on every row), answer (the referring expressions), segmentation,
 bbox (COCO [x, y, width, height]), iscrowd, file_name, in DIR/data/{--split}-00000-of-00001.parquet.
 
+With --general_questions the images hold one to three objects of one colour and one shape, and each question
+is about the image as a whole, answered by a word (ten identical human answers): "what colour are the
+objects?", "what shape are the objects?" or "how many objects are there?". Converted with
+`convert2sft_format.py --task vqa`, this is the general task that scripts/retention_study.sh teaches first.
+
     python scripts/make_synthetic_data.py --output_dir data/synthetic_textvqa --num_samples 2000
     python scripts/make_synthetic_data.py --output_dir data/synthetic_refcoco --schema refcoco --split val
 """
@@ -179,6 +184,41 @@ def make_sample(rng: random.Random, index: int, args) -> dict:
     }
 
 
+def make_general_sample(rng: random.Random, index: int, args) -> dict:
+    """One to three objects of one colour and shape, and a colour, shape or count question about them all (no
+    question names one object: the tiny model learns these within minutes, see scripts/retention_study.sh)."""
+    width = height = args.max_side  # fixed size: the general task is about what, not where
+    image = PILImage.new("RGB", (width, height), tuple(rng.randint(200, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    count = rng.randint(1, 3)
+    color, shape = rng.choice(args.colors), rng.choice(args.shapes)
+    boxes = []
+    for _attempt in range(1000):
+        box = random_box(rng, width, height, shape, args.min_object, args.max_object, args.sizes)
+        boxes += [] if overlaps(box, boxes) else [box]
+        if len(boxes) == count:
+            break
+    else:
+        raise SystemExit(f"sample {index}: {count} objects of side up to --max_object {args.max_object} do not fit")
+    for box in boxes:
+        draw_shape(draw, shape, box, COLORS[color])
+    kind = rng.choice(["colour", "shape", "count"])
+    if kind == "colour":
+        question, answer = "what colour are the objects?", color
+    elif kind == "shape":
+        question, answer = "what shape are the objects?", shape
+    else:
+        question, answer = "how many objects are there?", str(count)
+    x1, y1, x2, y2 = boxes[0]
+    return {
+        "image": image,
+        "question": question,
+        "answer": [answer] * 10,
+        "dataset_id": str(index),
+        "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],  # the object asked about (any, for a count)
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
@@ -201,6 +241,10 @@ def main():
         "--texture", default="plain", choices=["plain", "noise", "stripes", "mixed"],
         help="background texture in muted shades; mixed: each image draws plain, noise or stripes",
     )  # fmt: skip
+    parser.add_argument(
+        "--general_questions", action="store_true",
+        help="colour, shape and count questions with one-word answers on square --max_side images (--task vqa)",
+    )  # fmt: skip
     parser.add_argument("--schema", choices=["textvqa", "refcoco"], default="textvqa", help="which dataset's columns")
     parser.add_argument("--split", default="train", help="the split the parquet file is named after")
     args = parser.parse_args()
@@ -208,7 +252,8 @@ def main():
         parser.error("need at least two colour/shape combinations so distractors can differ from the target")
 
     rng = random.Random(args.seed)
-    samples = [make_sample(rng, index, args) for index in tqdm(range(args.num_samples), desc="drawing images")]
+    make = make_general_sample if args.general_questions else make_sample
+    samples = [make(rng, index, args) for index in tqdm(range(args.num_samples), desc="drawing images")]
     if args.schema == "refcoco":
         dataset = Dataset.from_list([to_refcoco(sample) for sample in samples], features=REFCOCO_FEATURES)
     else:

@@ -355,3 +355,56 @@ def test_refcoco_schema_gives_one_row_per_expression(env, tmp_path):
     assert "every test row has the query 'Please carefully observe" in result.stderr
     result = run_script(SCRIPT, *arguments[:-1], "val", "--test_range", "0:", env=env, check=False)
     assert result.returncode != 0 and "no --split val" in result.stderr and "testA" in result.stderr
+
+
+def test_vqa_task_writes_the_most_common_answer_and_keeps_all(synthetic_dataset_dir, env, tmp_path):
+    dataset = load_dataset(synthetic_dataset_dir, split="train").select(range(6))
+    answers = [
+        ["Two", "2", "two.", "the two"] + ["three"] * 3 + ["4"] * 3,  # "2" in four spellings wins only normalised
+        ["coca cola"] * 4 + ["Coca-Cola"] * 4 + ["pepsi"] * 2,  # a tie: the first answer's
+        ["stop"] * 10,
+        [],  # no human answer: skipped
+        ["yes"] * 3 + ["no"] * 7,
+        ["red"] * 10,
+    ]
+    rows = [{**row, "answer": row_answers} for row, row_answers in zip(dataset, answers)]
+    rows[2]["bbox"] = [5.0, 5.0, 0.0, 9.0]  # a bad box does not matter to the question
+    source_dir = tmp_path / "source"
+    Dataset.from_list(rows, features=dataset.features).to_parquet(str(source_dir / "data" / "train-00000-of-00001.parquet"))
+    ranges = ["--train_range", "0:4", "--val_range", "4:5", "--test_range", "5:6", "--num_workers", "1"]
+    run_script(SCRIPT, "--data_path", source_dir, "--save_path", tmp_path / "out", "--task", "vqa", *ranges, env=env)
+
+    assert not (tmp_path / "out" / "train.jsonl").exists()  # the grounding files are another task's
+    train = load_sft_jsonl(str(tmp_path / "out" / "train_vqa.jsonl"))
+    question = dataset[0]["question"]
+    assert [row["assistant"] for row in train] == ["Two", "coca cola", "stop"]
+    assert [row["answers"] for row in train] == answers[:3]
+    assert train[0]["user"] == f"{question} Answer the question using a single word or phrase."
+    assert all(os.path.isfile(row["image"][0]) and "/train_vqa/" in row["image"][0] for row in train)
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped_train_vqa.jsonl")]
+    assert [(entry["row"], entry["reason"].split(":")[0]) for entry in skipped] == [(3, "missing or empty human answers")]
+    assert [row["assistant"] for row in load_sft_jsonl(str(tmp_path / "out" / "val_vqa.jsonl"))] == ["no"]
+
+
+def test_general_questions_are_answered_by_the_image(env, tmp_path):
+    """make_synthetic_data.py --general_questions: the colour answered is the objects' colour, the only named
+    colour drawn, and the count answered is the number of separate objects of it."""
+    from scipy import ndimage
+
+    colors = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+    run_script(
+        "scripts/make_synthetic_data.py", "--output_dir", tmp_path, "--general_questions", "--num_samples", 24,
+        "--max_side", 112, "--min_object", 0.25, "--max_object", 0.35, "--colors", *colors, "--seed", 3,
+    )  # fmt: skip
+    kinds = set()
+    for row in load_dataset(str(tmp_path), split="train"):
+        pixels = np.asarray(row["image"])
+        drawn = [name for name, rgb in colors.items() if (pixels == rgb).all(axis=-1).any()]
+        assert len(drawn) == 1 and len(set(row["answer"])) == 1
+        masks, count = ndimage.label((pixels == colors[drawn[0]]).all(axis=-1))
+        question, answer = row["question"], row["answer"][0]
+        kind = question.split()[1]  # colour, shape or many
+        kinds.add(kind)
+        expected = {"colour": drawn[0], "many": str(count)}.get(kind)
+        assert kind == "shape" and answer in ("square", "circle", "triangle") or answer == expected, (question, answer)
+    assert kinds == {"colour", "shape", "many"}

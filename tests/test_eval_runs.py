@@ -136,3 +136,31 @@ def test_compare_evals_puts_models_and_test_sets_in_one_table(uninterrupted, tin
 
     missing = run_script("scripts/compare_evals.py", tmp_path / "textvqa", tmp_path / "nothing", check=False)
     assert missing.returncode != 0 and f"{tmp_path / 'nothing'}/metrics.json not found" in missing.stderr
+
+
+def test_compare_evals_retention_table_against_the_base(tmp_path):
+    """Hand-written metrics.json files: the base and the mixed run from one mixed test file each, the
+    grounding-only run from two files (grounding, then VQA)."""
+    by_size = {"small": {"acc@0.5": None, "count": 0}}
+    runs = {
+        "base": [("mixed.jsonl", 0.10, 20, 0.80, 10)],
+        "sft": [("test.jsonl", 0.60, 20, None, 0), ("test_vqa.jsonl", None, 0, 0.20, 10)],
+        "sft_mix": [("mixed.jsonl", 0.58, 20, 0.75, 10)],
+    }
+    dirs = []
+    for model, evaluations in runs.items():
+        for test_set, acc, count, vqa, vqa_count in evaluations:
+            directory = tmp_path / f"{model}_{test_set}"
+            directory.mkdir()
+            metrics = {"model": model, "test_dataset": test_set, "by_size": by_size, "num_samples": count,
+                       "acc@0.5": acc, "vqa_num_samples": vqa_count, "vqa_accuracy": vqa}  # fmt: skip
+            (directory / "metrics.json").write_text(json.dumps(metrics))
+            dirs.append(directory)
+    run_script("scripts/compare_evals.py", "--retention", *dirs, "--output", tmp_path / "table.md")
+    assert (tmp_path / "table.md").read_text().splitlines() == [
+        "| model | grounding Acc@0.5 | VQA accuracy |",
+        "|---|---|---|",
+        "| base | 0.1000 | 0.8000 |",
+        "| sft | 0.6000 (+0.5000) | 0.2000 (-0.6000) |",
+        "| sft_mix | 0.5800 (+0.4800) | 0.7500 (-0.0500) |",
+    ]

@@ -19,6 +19,7 @@ from answers import format_answer, parse_bbox, read_answer_box
 from conftest import ACCELERATE_2, CORRUPT_LINE, run_infer, run_script, train, train_lora
 from model_families import FAMILIES
 from utils import ImageSettings, load_sft_jsonl
+from vqa_accuracy import vqa_accuracy
 
 # What models really emit: the trained format, Qwen2.5-VL's zero-shot habits, Qwen2-VL's point
 # pairs, truncated generations, and text with no box at all.
@@ -324,3 +325,31 @@ def test_picture_draws_both_boxes_where_they_are(tmp_path):
     assert [p - t for p, t in zip(predicted_extent, true_extent)] == [200 - 50, 40 - 60, 380 - 150, 120 - 200]
     assert true_extent[2] - true_extent[0] > 100 and true_extent[3] - true_extent[1] > 140  # drawn outside the box
     assert extent(pictures.draw_prediction({**record, "pred_bbox": None}), pictures.PREDICTED_COLOR) is None
+
+
+def test_mixed_test_file_reports_grounding_and_vqa_accuracy(tiny_model_dir, data_dir, tmp_path):
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:3]]
+    general = [
+        {"image": rows[0]["image"], "query": "What shape? Answer the question using a single word or phrase.",
+         "response": "square", "answers": ["square"] * 9 + ["box"]},
+        {"image": rows[1]["image"], "query": "How many? Answer the question using a single word or phrase.",
+         "response": "1"},  # no human answers: the response stands for them
+    ]  # fmt: skip
+    mixed = [rows[0], general[0], rows[1], rows[2], general[1]]
+    test_file = data_dir / "mixed_tasks.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in mixed))
+    _, predictions, metrics = run_infer(
+        "--model_name_or_path", tiny_model_dir, "--test_dataset_name", test_file, "--max_image_side", 112,
+        output_dir=tmp_path / "eval",
+    )  # fmt: skip
+    assert [p["query"] for p in predictions] == [row["query"] for row in mixed]  # the file's order
+    box_records = [predictions[index] for index in (0, 2, 3)]
+    text_records = [predictions[index] for index in (1, 4)]
+    assert all("iou" in record and "vqa_accuracy" not in record for record in box_records)
+    assert [record["answers"] for record in text_records] == [general[0]["answers"], ["1"] * 10]
+    for record in text_records:  # the raw answer kept, and scored from it
+        assert record["raw_output"] is not None
+        assert record["vqa_accuracy"] == vqa_accuracy(record["raw_output"], record["answers"])
+    assert metrics["num_samples"] == 3 and metrics["acc@0.5"] is not None
+    assert metrics["vqa_num_samples"] == 2
+    assert metrics["vqa_accuracy"] == pytest.approx(sum(record["vqa_accuracy"] for record in text_records) / 2)
