@@ -42,7 +42,9 @@ CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
 
 def render_prompt(processor, question: str, kind: str = BOX) -> str:
     """The chat prompt the answer follows: one user turn, then the assistant's turn opened."""
-    return processor.apply_chat_template(build_messages(question, kind), add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+    # Only to a template that reads the switches: others make transformers warn on every call.
+    switches = CHAT_TEMPLATE_KWARGS if "enable_thinking" in str(processor.chat_template) else {}
+    return processor.apply_chat_template(build_messages(question, kind), add_generation_prompt=True, **switches)
 
 
 def format_answer(box) -> str:

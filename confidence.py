@@ -12,13 +12,20 @@ from torchmetrics.functional.classification import binary_calibration_error
 
 from answers import box_number_spans
 
-# Candidates, compared on a validation split in docs/confidence.md.
+# Candidates, compared on a validation split in docs/confidence.md. Each takes the log-probabilities of the
+# tokens of the box's four numbers, one list per number.
 CONFIDENCE_RULES = {
-    "mean": lambda logprobs: math.exp(sum(logprobs) / len(logprobs)),  # geometric mean of the token probabilities
-    "min": lambda logprobs: math.exp(min(logprobs)),  # the least sure token
-    "product": lambda logprobs: math.exp(sum(logprobs)),  # the probability of the whole box string
+    # the geometric mean of every digit's probability
+    "mean": lambda numbers: math.exp(sum(map(sum, numbers)) / sum(map(len, numbers))),
+    # the least sure digit
+    "min": lambda numbers: math.exp(min(min(number) for number in numbers)),
+    # the probability of the whole box string
+    "product": lambda numbers: math.exp(sum(map(sum, numbers))),
+    # the probability of every digit but each number's last (Qwen writes one token per digit): the box's
+    # position to ten units, without the last pixel, which no answer can be sure of
+    "coarse": lambda numbers: math.exp(sum(sum(number[:-1]) for number in numbers)),
 }
-DEFAULT_CONFIDENCE_RULE = "mean"
+DEFAULT_CONFIDENCE_RULE = "coarse"  # chosen on the demo's validation split: docs/confidence.md
 
 
 def token_pieces(tokenizer, token_ids) -> list[str]:
@@ -38,19 +45,18 @@ def token_pieces(tokenizer, token_ids) -> list[str]:
 
 def box_confidences(pieces, token_logprobs, kind, rule=DEFAULT_CONFIDENCE_RULE) -> list[float]:
     """One confidence in [0, 1] per box of the answer "".join(pieces), in parse order (answers.box_number_spans):
-    the rule applied to the log-probabilities of the tokens that overlap the box's four numbers."""
+    the rule applied to the log-probabilities of the tokens that overlap each of the box's four numbers."""
     token_logprobs = [float(v) for v in token_logprobs]
     starts = [0]
     for piece in pieces:
         starts.append(starts[-1] + len(piece))
     confidences = []
     for number_spans in box_number_spans("".join(pieces), kind):
-        logprobs = [
-            logprob
-            for start, end, logprob in zip(starts, starts[1:], token_logprobs)
-            if end > start and any(start < span_end and span_start < end for span_start, span_end in number_spans)
+        numbers = [
+            [logprob for start, end, logprob in zip(starts, starts[1:], token_logprobs) if start < span_end and span_start < end]
+            for span_start, span_end in number_spans
         ]
-        confidences.append(CONFIDENCE_RULES[rule](logprobs) if logprobs else 0.0)
+        confidences.append(CONFIDENCE_RULES[rule](numbers) if all(numbers) else 0.0)
     return confidences
 
 

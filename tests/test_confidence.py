@@ -36,6 +36,8 @@ def test_each_box_gets_the_probabilities_of_its_own_numbers(tokenizer):
     assert confidences(tokenizer, ids, logprobs, BOXES, "mean") == pytest.approx([0.8, 0.5])
     assert confidences(tokenizer, ids, logprobs, BOXES, "product") == pytest.approx([0.8**8, 0.5**4])
     assert confidences(tokenizer, ids, logprobs, BOXES, "min") == pytest.approx([0.8, 0.5])
+    # Every digit but each number's last: the tens of the first box, nothing of the one-digit second box.
+    assert confidences(tokenizer, ids, logprobs, BOXES, "coarse") == pytest.approx([0.8**4, 1.0])
 
 
 def test_single_box_and_no_box(tokenizer):
@@ -68,7 +70,7 @@ def test_confidences_from_hand_written_logits_through_compute_transition_scores(
 
 def test_rules_are_probabilities():
     for rule in CONFIDENCE_RULES.values():
-        assert 0.0 <= rule([-3.0, -0.1, 0.0]) <= 1.0
+        assert 0.0 <= rule([[-3.0, -0.1], [0.0], [-0.2], [-1.0, -0.5]]) <= 1.0
 
 
 def test_selective_accuracy_keeps_the_most_confident_answers():
