@@ -17,8 +17,9 @@ from scoring import evaluate, plain_greedy, predict, read_true_boxes
 from utils import atomic_path
 
 EVAL_BOXES_DIR = "eval_boxes"
-# The figures logged at each evaluation, under metric_key_prefix: eval_acc@0.5, eval_mean_iou.
-GENERATION_METRICS = ("acc@0.5", "mean_iou")
+# The figures logged at each evaluation, under metric_key_prefix: eval_acc@0.5, eval_mean_iou of the single-box
+# rows, and eval_f1@0.5, eval_recall@0.5 of the list rows (scoring.list_metrics) when the eval set has any.
+GENERATION_METRICS = ("acc@0.5", "mean_iou", "f1@0.5", "recall@0.5")
 
 
 @dataclass
@@ -56,7 +57,8 @@ def generation_eval_problems(generation_args, training_args) -> list[str]:
 
 
 class GenerationEvaluation:
-    """Called by training.Trainer at every evaluation; returns {"acc@0.5": ..., "mean_iou": ...}.
+    """Called by training.Trainer at every evaluation; returns {"acc@0.5": ..., "mean_iou": ...} (and the list
+    rows' "f1@0.5", "recall@0.5").
 
     Whole batches of per_device_eval_batch_size go to each process, so the figures are the ones
     `infer.py --batch_size B --limit N` gives on a checkpoint of the same step, on any number of processes."""
@@ -75,7 +77,8 @@ class GenerationEvaluation:
         records, metrics = evaluate(self.rows, self.true_boxes, predictions)
         if trainer.is_world_process_zero():
             self.draw([record for record in records if record["error"] is None], trainer)
-        return {name: metrics[name] for name in GENERATION_METRICS}
+        # A figure with no rows behind it (no list rows, say) is None and not logged.
+        return {name: metrics[name] for name in GENERATION_METRICS if metrics.get(name) is not None}
 
     def predict_share(self, model, processor, accelerator) -> list[dict]:
         """This process's share of whole batches, in eval mode and plain greedy; the model's mode, generation

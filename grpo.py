@@ -13,6 +13,7 @@ training.py's data, model and LoRA dataclasses, trl's GRPOConfig, and `reward_fu
 resume and SIGTERM handling are sft.py's (training.py, checkpoints.py).
 """
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 import checkpoints
 import training
-from answers import build_messages, read_answer_box
+from answers import BOXES, answer_kind, build_messages, read_answer_box, read_answer_boxes
 from model_families import ModelFamily, box_to_answer, check_settings_family, detect_family
-from rewards import REWARD_FUNCTIONS, reward_functions
+from rewards import REWARD_FUNCTIONS, check_rewards_cover, reward_functions
 from utils import (
     ImageSettings,
     check_processor_kept_frame,
@@ -97,8 +98,10 @@ def starting_image_settings(model_args, data_args, processor, family: ModelFamil
 
 
 def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Dataset:
-    """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (utils.build_messages), `image` (decoded
-    when a row is read, already in the model frame) and `solution` (the true box in that frame, in the family's coordinates).
+    """Converter JSONL -> the rows GRPOTrainer samples: `prompt` (answers.build_messages for the row's kind),
+    `image` (decoded when a row is read, already in the model frame), `kind` (answers.BOX or BOXES) and
+    `solution`: the true box in that frame, in the family's coordinates, or for a list row the list of its
+    true boxes so ([] for none).
 
     Every image is opened and every answer parsed now, so bad input stops before the model loads, with
     each unusable sample named. For each frame size the processor is asked once whether it would resize
@@ -109,16 +112,22 @@ def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Data
     samples, problems, frames = [], [], {}
     for number, row in enumerate(tqdm(rows, desc=f"reading {path}"), start=1):
         image_path = row["image"][0]
+        kind = answer_kind(row["assistant"])
         try:
             original_size = load_image(image_path).size
-            box = read_answer_box(row["assistant"])
+            if kind == BOXES:
+                true_boxes = [item["bbox_2d"] for item in read_answer_boxes(row["assistant"])]
+            else:
+                true_boxes = [read_answer_box(row["assistant"])]
         except (FileNotFoundError, ValueError) as error:
             problems.append(f"sample {number} (image {image_path}): {error}")
             continue
         frame = model_frame_size(*original_size, settings)
         frames.setdefault(frame, image_path)
-        solution = box_to_answer(box, settings.coordinate_system, original_size, frame)
-        samples.append({"image_path": image_path, "question": row["user"], "solution": solution})
+        solution = [box_to_answer(box, settings.coordinate_system, original_size, frame) for box in true_boxes]
+        # As JSON: a dataset column holds one type, and a box and a list of boxes are two.
+        solution = json.dumps(solution if kind == BOXES else solution[0])
+        samples.append({"image_path": image_path, "question": row["user"], "kind": kind, "solution": solution})
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         raise ValueError(f"{path}: {len(problems)} of {len(rows)} samples unusable, fix or remove them:\n  {shown}")
@@ -128,9 +137,10 @@ def load_prompts(path: str, settings: ImageSettings, processor) -> datasets.Data
 
     def in_model_frame(batch):
         return {
-            "prompt": [build_messages(question) for question in batch["question"]],
+            "prompt": [build_messages(question, kind) for question, kind in zip(batch["question"], batch["kind"])],
             "image": [to_model_frame(load_image(image_path), settings) for image_path in batch["image_path"]],
-            "solution": batch["solution"],
+            "kind": batch["kind"],
+            "solution": [json.loads(solution) for solution in batch["solution"]],
         }
 
     return datasets.Dataset.from_list(samples).with_transform(in_model_frame)
@@ -151,6 +161,8 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
     )
     image_settings = starting_image_settings(model_args, data_args, processor, family)
     train_dataset = load_prompts(data_args.train_dataset_name, image_settings, processor)
+    # with_format(None): the kinds alone, without the transform decoding every image.
+    check_rewards_cover(reward_args.reward_funcs, train_dataset.with_format(None)["kind"], data_args.train_dataset_name)
     evaluating = training_args.eval_strategy != "no"
     eval_dataset = load_prompts(data_args.test_dataset_name, image_settings, processor) if evaluating else None
     last_checkpoint = checkpoints.find_checkpoint(training_args)

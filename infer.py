@@ -183,6 +183,8 @@ def log_to_swanlab(args, model_name, metrics, picture_paths) -> None:
     scalars = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
     for bucket, figures in metrics["by_size"].items():
         scalars.update({f"{bucket}/{key}": value for key, value in figures.items() if value is not None})
+    for bucket, figures in metrics.get("by_count", {}).items():  # list rows, by number of true objects
+        scalars.update({f"{bucket} objects/{key}": value for key, value in figures.items() if value is not None})
     swanlab.log({f"eval/{key}": value for key, value in scalars.items() if value is not None})
     if picture_paths:
         grid_path = os.path.join(os.path.dirname(picture_paths[0]), "grid.jpg")

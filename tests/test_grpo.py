@@ -246,7 +246,7 @@ def test_unknown_reward_name_lists_valid_ones(tiny_model_dir, sft_data_dir, tmp_
         "--train_dataset_name", sft_data_dir / "train.jsonl", "--output_dir", tmp_path / "out", check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    expected = "reward_funcs: ['iou', 'giou'] is not a list of reward names; valid names: ['format', 'iou']"
+    expected = "reward_funcs: ['iou', 'giou'] is not a list of reward names; valid names: ['format', 'iou', 'list_format', 'list_iou']"
     assert expected in result.stderr
     assert "Loading weights" not in result.stderr
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rewards import format_reward, iou_reward, reward_functions
+from answers import BOX, BOXES
+from rewards import format_reward, iou_reward, list_format_reward, list_iou_reward, reward_functions
 
 TRUE_BOX = [10, 10, 30, 30]  # area 400
 TABLE = [
@@ -37,5 +38,44 @@ def test_each_completion_meets_its_own_box():
 
 def test_unknown_reward_name_lists_valid_ones():
     assert reward_functions(["iou", "format"]) == [iou_reward, format_reward]
-    with pytest.raises(ValueError, match=r"'giou'.*valid names: \['format', 'iou'\]"):
+    with pytest.raises(ValueError, match=r"'giou'.*valid names: \['format', 'iou', 'list_format', 'list_iou'\]"):
         reward_functions(["iou", "giou"])
+
+
+TRUE_BOXES = [[10, 10, 30, 30], [50, 50, 70, 70]]
+FIRST, SECOND = '{"bbox_2d": [10, 10, 30, 30], "label": "a"}', '{"bbox_2d": [50, 50, 70, 70], "label": "b"}'
+LIST_TABLE = [
+    # name, completion text, true boxes, list IoU reward (matched IoU / max(#predicted, #true)), list format reward
+    ("both found", f"[{FIRST}, {SECOND}]", TRUE_BOXES, 1.0, 1.0),
+    ("any order", f"[{SECOND}, {FIRST}]", TRUE_BOXES, 1.0, 1.0),
+    ("one missing", f"[{FIRST}]", TRUE_BOXES, 1 / 2, 1.0),
+    ("one extra", f'[{FIRST}, {SECOND}, {{"bbox_2d": [90, 90, 99, 99], "label": "c"}}]', TRUE_BOXES, 2 / 3, 1.0),
+    ("duplicate", f"[{FIRST}, {FIRST}, {SECOND}]", TRUE_BOXES, 2 / 3, 1.0),
+    ("only duplicates", f"[{FIRST}, {FIRST}]", TRUE_BOXES, 1 / 2, 1.0),
+    ("partial overlap, no label", f'[{{"bbox_2d": [20, 10, 40, 30]}}, {SECOND}]', TRUE_BOXES, (200 / 600 + 1) / 2, 0.0),
+    ("inverted", '[{"bbox_2d": [30, 30, 10, 10], "label": "a"}]', TRUE_BOXES[:1], 0.0, 1.0),
+    ("empty truth, empty answer", "[]", [], 1.0, 1.0),
+    ("empty truth, a box", f"[{FIRST}]", [], 0.0, 1.0),
+    ("empty answer", "[]", TRUE_BOXES, 0.0, 1.0),
+    ("json fence", f"```json\n[{FIRST}, {SECOND}]\n```", TRUE_BOXES, 1.0, 0.0),
+    ("cut off", f'[{FIRST}, {{"bbox_2d": [50, 5', TRUE_BOXES, 1 / 2, 0.0),  # the finished box counts
+    ("prose, empty truth", "There is none.", [], 1.0, 0.0),  # no box is right; the form is the format reward's
+    ("one object, not a list", FIRST, TRUE_BOXES[:1], 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("name, text, true_boxes, iou, formatted", LIST_TABLE, ids=[row[0] for row in LIST_TABLE])
+def test_list_rewards_table(name, text, true_boxes, iou, formatted):
+    completions = [[{"role": "assistant", "content": text}]]
+    assert list_iou_reward(completions, solution=[true_boxes], kind=[BOXES]) == pytest.approx([iou])
+    assert list_format_reward(completions, solution=[true_boxes], kind=[BOXES]) == [formatted]
+
+
+def test_each_reward_scores_its_own_kind_of_row():
+    """In a batch mixing a single-box row and a list row, each reward scores its rows and gives None (trl's
+    "not applicable") for the others."""
+    completions = [[{"role": "assistant", "content": text}] for text in ('{"bbox_2d": [10, 10, 30, 30]}', f"[{FIRST}]")]
+    columns = {"solution": [TRUE_BOX, TRUE_BOXES[:1]], "kind": [BOX, BOXES]}
+    assert iou_reward(completions, **columns) == [1.0, None] and format_reward(completions, **columns) == [1.0, None]
+    assert list_iou_reward(completions, **columns) == [None, 1.0]
+    assert list_format_reward(completions, **columns) == [None, 1.0]
