@@ -320,6 +320,8 @@ def load_detection_source(args):
     if args.data_path.endswith(".json"):
         if not os.path.isfile(args.data_path):
             raise SystemExit(f"--data_path {args.data_path}: no such COCO instances file")
+        if args.categories:
+            raise SystemExit(f"--categories names the ids of parquet sources; {args.data_path} names its own categories")
         image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.data_path))
         dataset, names, num_crowd = load_coco(args.data_path, image_dir)
         id_names = None

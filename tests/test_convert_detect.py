@@ -219,6 +219,8 @@ def test_bad_detection_inputs_fail_naming_the_file_and_place(coco, tmp_path):
     result = convert(root / "instances.json", tmp_path / "out", "--query_style", "all_categories", "--groups",
                      root / "groups.json", check=False)  # fmt: skip
     assert result.returncode != 0 and "--groups asks a row per group: it needs --query_style per_category" in result.stderr
+    result = convert(root / "instances.json", tmp_path / "out", "--categories", tmp_path / "short.txt", check=False)
+    assert result.returncode != 0 and "instances.json names its own categories" in result.stderr
     result = convert(root / "instances.json", tmp_path / "out", "--negatives", "-1", check=False)
     assert result.returncode != 0 and "--negatives -1.0: give a ratio >= 0" in result.stderr
     assert not (tmp_path / "out").exists()
