@@ -39,6 +39,25 @@ exactly as they are. One line:
     {"image": ["train_vqa/000123.jpg"], "query": "what is ...? Answer the question using a single word or phrase.",
      "response": "coca cola", "answers": ["coca cola", "coca-cola", ...]}
 
+--task detect reads a detection source instead (scripts/detection_sources.py): a COCO instances.json (its
+file_names relative to --image_dir, default the JSON's folder) or parquet rows with `image` and `objects`
+{bbox: [[x, y, w, h], ...], category: [...]} (names, or ids named by --categories FILE). Each image gives rows
+asking Qwen's cookbook prompt, answered with every matching box in original pixels, in reading order:
+
+    {"image": ["train/000007.jpg"], "query": "Locate every instance that belongs to the following categories:
+     \"red circle\". Report bbox coordinates in JSON format.", "response": "[{\"bbox_2d\": [12, 40, 61, 90],
+     \"label\": \"red circle\"}, ...]"}
+
+--query_style per_category (a row per category present; --groups FILE adds a row per group present, e.g.
+"red shape") or all_categories (one row naming them all); --negatives R adds R rows per row asking for a
+category absent from the image, answered "[]" (seeded by --seed and the row). Ranges count images. An object
+whose box is bad is skipped and listed in skipped_{split}.jsonl with its row and "object" number; boxes
+reaching past the image are clipped; both are counted on the split's "objects" line.
+
+    python scripts/convert2sft_format.py --task detect --data_path coco/annotations/instances_val2017.json \
+        --image_dir coco/val2017 --save_path data_coco --train_range 0:4000 --test_range 4000:4500 \
+        --val_range 4500:5000 --negatives 0.3
+
 --data_path takes: a local dir of parquet shards (Hub layout data/train-*.parquet, or a ModelScope
 download, whose legacy dataset_infos.json is ignored, never edited), a `save_to_disk` dir, a
 Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a ModelScope id
@@ -46,7 +65,6 @@ Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a M
 """
 
 import argparse
-import collections
 import glob
 import hashlib
 import itertools
@@ -56,6 +74,7 @@ import os
 import shutil
 import signal
 import sys
+from collections import Counter
 from multiprocessing import Pool
 
 import torch
@@ -66,6 +85,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from answers import format_answer, valid_box_values  # noqa: E402
+from detection_sources import (  # noqa: E402
+    ALL_CATEGORIES,
+    PER_CATEGORY,
+    detection_records,
+    load_coco,
+    objects_source,
+    read_groups,
+)
 from utils import clip_box  # noqa: E402
 from vqa_accuracy import normalize_answer  # noqa: E402
 
@@ -145,14 +172,12 @@ def rows_on_claimed_images(dataset, ranges: dict[str, range]) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------- one row, in a worker process
-_dataset = _split = _image_dir = _bbox_format = _query_column = _task = None
+_dataset = _split = _image_dir = _settings = None
 
 
-def init_worker(dataset, split, image_dir, bbox_format, query_column, task):
-    global _dataset, _split, _image_dir, _bbox_format, _query_column, _task
-    _dataset, _split, _image_dir, _bbox_format, _query_column, _task = (
-        dataset, split, image_dir, bbox_format, query_column, task
-    )  # fmt: skip
+def init_worker(dataset, split, image_dir, settings):
+    global _dataset, _split, _image_dir, _settings
+    _dataset, _split, _image_dir, _settings = dataset, split, image_dir, settings
 
 
 def init_pool_worker(*args):
@@ -160,79 +185,118 @@ def init_pool_worker(*args):
     init_worker(*args)
 
 
-def decode_image(value) -> tuple:
-    """(RGB image, None), or (None, why not): the same decoding load_dataset does (EXIF orientation applied)."""
-    try:
-        return Image(mode="RGB").decode_example(value), None
+def decode_image(image_field):
+    """(RGB image, None), or (None, reason) for bytes PIL cannot read."""
+    try:  # the same decoding load_dataset does (EXIF orientation applied), then RGB
+        return Image(mode="RGB").decode_example(image_field), None
     except UnidentifiedImageError:  # its message holds a memory address: keep the reason reproducible
         return None, "unreadable image: not in any format PIL can identify"
     except (OSError, ValueError, SyntaxError, DecompressionBombError) as error:  # what PIL raises on bad bytes
         return None, f"unreadable image: {type(error).__name__}: {error}"
 
 
-def most_common_answer(answers: list[str]) -> str:
-    """The answer most humans gave, counted after VQA normalisation, in the first spelling given (ties: the first)."""
-    counts = collections.Counter(map(normalize_answer, answers))
-    return next(answer for answer in answers if counts[normalize_answer(answer)] == max(counts.values()))
-
-
-def vqa_records(index: int, row: dict, queries: list[str]) -> tuple[int, list[dict], str | None]:
-    """--task vqa: one question -> answer record per query, keeping every human answer."""
-    answers = row["answer"]
-    if not answers or not all(isinstance(answer, str) and normalize_answer(answer) for answer in answers):
-        return index, [], f"missing or empty human answers: {answers!r}"
-    image, reason = decode_image(row["image"])
-    if reason is not None:
-        return index, [], reason
-    name = f"{index:06d}.jpg"
-    image.save(os.path.join(_image_dir, name), quality=95)
-    response = most_common_answer(answers)
-    return index, [
-        {"image": [f"{_split}_vqa/{name}"], "query": f"{query.strip()} {VQA_INSTRUCTION}", "response": response,
-         "answers": answers}
-        for query in queries
-    ], None  # fmt: skip
-
-
-def convert_row(index: int) -> tuple[int, list[dict], str | None]:
-    """(index, JSONL records, None) for a good row (one record per query), (index, [], reason) for a bad one."""
-    row = _dataset[index]
-    question = row[_query_column]
-    queries = question if isinstance(question, list) else [question]
-    if not queries or not all(isinstance(query, str) and query.strip() for query in queries):
-        return index, [], f"missing question: {question!r}"
-    if _task == "vqa":
-        return vqa_records(index, row, queries)
-    if not valid_box_values(row["bbox"]):
-        return index, [], f"bbox is not 4 finite numbers: {row['bbox']!r}"
-    box = torch.tensor(row["bbox"], dtype=torch.float64)
-    if _bbox_format == "xywh":
+def rounded_corners(bbox, bbox_format: str) -> tuple[list[int] | None, str | None]:
+    """A source box as whole-pixel corners [x1, y1, x2, y2], rounded outwards so it never shrinks, or (None, reason)."""
+    if not valid_box_values(bbox):
+        return None, f"bbox is not 4 finite numbers: {bbox!r}"
+    box = torch.tensor(bbox, dtype=torch.float64)
+    if bbox_format == "xywh":
         box = box_convert(box, "xywh", "xyxy")
     x1, y1, x2, y2 = box.tolist()
     if x2 <= x1 or y2 <= y1:
-        return index, [], f"zero or negative size: bbox {row['bbox']!r} ({_bbox_format})"
-    image, reason = decode_image(row["image"])
-    if reason is not None:
-        return index, [], reason
-    x1, y1, x2, y2 = clip_box([math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)], image.size)
+        return None, f"zero or negative size: bbox {bbox!r} ({bbox_format})"
+    return [math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)], None
+
+
+def clipped_to_image(corners, bbox, bbox_format: str, size) -> tuple[list[int] | None, str | None]:
+    """The corners clipped to the image, or (None, reason) when nothing of the box is inside it."""
+    x1, y1, x2, y2 = clip_box(corners, size)
     if x2 <= x1 or y2 <= y1:
-        width, height = image.size
-        return index, [], f"bbox {row['bbox']!r} ({_bbox_format}) lies outside the {width}x{height} image"
+        return None, f"bbox {bbox!r} ({bbox_format}) lies outside the {size[0]}x{size[1]} image"
+    return [x1, y1, x2, y2], None
+
+
+def convert_row(index: int) -> tuple[int, list[dict], list[dict], dict]:
+    """(index, JSONL records (one per query), [], {}) for a good row, (index, [], [skip entry], {}) for a bad one."""
+    row = _dataset[index]
+    question = row[_settings["query_column"]]
+    queries = question if isinstance(question, list) else [question]
+    if not queries or not all(isinstance(query, str) and query.strip() for query in queries):
+        return index, [], [{"row": index, "reason": f"missing question: {question!r}"}], {}
+    bbox_format = _settings["bbox_format"]
+    corners, reason = rounded_corners(row["bbox"], bbox_format)  # bad boxes first: no image decoded for them
+    image, reason = (None, reason) if reason else decode_image(row["image"])
+    box, reason = (None, reason) if reason else clipped_to_image(corners, row["bbox"], bbox_format, image.size)
+    if reason:
+        return index, [], [{"row": index, "reason": reason}], {}
     name = f"{index:06d}.jpg"
     image.save(os.path.join(_image_dir, name), quality=95)
-    response = format_answer([x1, y1, x2, y2])
-    return index, [{"image": [f"{_split}/{name}"], "query": query, "response": response} for query in queries], None
+    response = format_answer(box)
+    return index, [{"image": [f"{_split}/{name}"], "query": query, "response": response} for query in queries], [], {}
+
+
+def most_common_answer(answers: list[str]) -> str:
+    """The answer most humans gave, counted after VQA normalisation, in the first spelling given (ties: the first)."""
+    counts = Counter(map(normalize_answer, answers))
+    return next(answer for answer in answers if counts[normalize_answer(answer)] == max(counts.values()))
+
+
+def convert_vqa_row(index: int) -> tuple[int, list[dict], list[dict], dict]:
+    """--task vqa: one question -> most common answer record per query, keeping every human answer."""
+    row = _dataset[index]
+    question, answers = row[_settings["query_column"]], row["answer"]
+    queries = question if isinstance(question, list) else [question]
+    if not queries or not all(isinstance(query, str) and query.strip() for query in queries):
+        return index, [], [{"row": index, "reason": f"missing question: {question!r}"}], {}
+    if not answers or not all(isinstance(answer, str) and normalize_answer(answer) for answer in answers):
+        return index, [], [{"row": index, "reason": f"missing or empty human answers: {answers!r}"}], {}
+    image, reason = decode_image(row["image"])
+    if reason:
+        return index, [], [{"row": index, "reason": reason}], {}
+    name = f"{index:06d}.jpg"
+    image.save(os.path.join(_image_dir, name), quality=95)
+    response = most_common_answer(answers)
+    records = [
+        {"image": [f"{_split}_vqa/{name}"], "query": f"{query.strip()} {VQA_INSTRUCTION}", "response": response,
+         "answers": answers}
+        for query in queries
+    ]  # fmt: skip
+    return index, records, [], {}
+
+
+def convert_detection_row(index: int) -> tuple[int, list[dict], list[dict], dict]:
+    """(index, JSONL records, skip entries (the image's, or one per bad object), {"kept": n, "clipped": n} objects)."""
+    row = _dataset[index]
+    image, reason = decode_image(row["image"])
+    if reason:
+        return index, [], [{"row": index, "reason": reason}], {}
+    objects, skipped, num_clipped = [], [], 0
+    for number, (bbox, category) in enumerate(zip(row["objects"]["bbox"], row["objects"]["category"])):
+        corners, reason = rounded_corners(bbox, "xywh")
+        box, reason = (None, reason) if reason else clipped_to_image(corners, bbox, "xywh", image.size)
+        if reason:
+            skipped.append({"row": index, "object": number, "reason": reason})
+            continue
+        num_clipped += box != corners
+        label = _settings["id_names"][category] if _settings["id_names"] else category
+        objects.append({"bbox_2d": box, "label": label})
+    name = f"{index:06d}.jpg"
+    image.save(os.path.join(_image_dir, name), quality=95)
+    pairs = detection_records(objects, _settings["names"], _settings, index)
+    records = [{"image": [f"{_split}/{name}"], "query": query, "response": response} for query, response in pairs]
+    return index, records, skipped, {"kept": len(objects), "clipped": num_clipped}
 
 
 # ---------------------------------------------------------------- one split
 def convert_split(
-    dataset, split: str, rows: range, left_out: dict[int, str], save_path: str, bbox_format: str, query_column: str,
-    num_workers: int, task: str = "grounding",
+    dataset, split: str, rows: range, left_out: dict[int, str], save_path: str, row_function, settings: dict,
+    num_workers: int,
 ) -> None:
-    """Convert `rows`, except those in `left_out` ({row: reason}), which are only listed in skipped_{split}.jsonl
-    (with --task vqa: {split}_vqa.jsonl and skipped_{split}_vqa.jsonl)."""
+    """Convert `rows` with `row_function` (convert_row, convert_vqa_row or convert_detection_row), except those in
+    `left_out` ({row: reason}), which are only listed in skipped_{split}.jsonl (--task vqa: {split}_vqa.jsonl and
+    skipped_{split}_vqa.jsonl, beside the grounding files)."""
     kept = [index for index in rows if index not in left_out]
-    stem = split if task == "grounding" else f"{split}_vqa"
+    stem = f"{split}_vqa" if row_function is convert_vqa_row else split
     jsonl_path = os.path.join(save_path, f"{stem}.jsonl")
     skipped_path = os.path.join(save_path, f"skipped_{stem}.jsonl")
     image_dir = os.path.join(save_path, stem)
@@ -242,12 +306,13 @@ def convert_split(
     shutil.rmtree(partial_dir, ignore_errors=True)
     os.makedirs(partial_dir)
 
-    worker_args = (dataset, split, partial_dir, bbox_format, query_column, task)
+    worker_args = (dataset, split, partial_dir, settings)
     pool = Pool(num_workers, initializer=init_pool_worker, initargs=worker_args) if num_workers > 1 else None
     if pool is None:
         init_worker(*worker_args)
-    results = pool.imap(convert_row, kept, chunksize=4) if pool else map(convert_row, kept)
-    num_written = num_skipped = 0
+    results = pool.imap(row_function, kept, chunksize=4) if pool else map(row_function, kept)
+    num_written = num_skipped = num_skipped_objects = 0
+    object_counts = Counter()  # a detection row's kept and clipped objects
     queries = set()
     try:
         with (
@@ -256,10 +321,12 @@ def convert_split(
         ):
             for index, reason in left_out.items():
                 skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
-            for index, records, reason in tqdm(results, total=len(kept), desc=f"{split} rows {rows.start}:{rows.stop}"):
-                if reason is not None:
-                    skipped.write(json.dumps({"row": index, "reason": reason}, ensure_ascii=False) + "\n")
-                    num_skipped += 1
+            for index, records, skips, counts in tqdm(results, total=len(kept), desc=f"{split} rows {rows.start}:{rows.stop}"):
+                for entry in skips:
+                    skipped.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                num_skipped_objects += sum("object" in entry for entry in skips)
+                num_skipped += any("object" not in entry for entry in skips)
+                object_counts.update(counts)
                 for record in records:
                     jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
                     queries.add(record["query"])
@@ -282,6 +349,36 @@ def convert_split(
         f"{split}: {num_written} rows (from {len(kept) - num_skipped} dataset rows) -> {jsonl_path}; "
         f"skipped {num_skipped} bad rows{shared} (listed in {skipped_path})"
     )
+    if row_function is convert_detection_row:
+        print(
+            f"{split} objects: kept {object_counts['kept']}, of which {object_counts['clipped']} clipped to their "
+            f"image; skipped {num_skipped_objects} bad objects (listed in {skipped_path})"
+        )
+
+
+def load_detection_source(args):
+    """The detection dataset (one row per image), convert_detection_row, and its settings."""
+    if args.negatives < 0:
+        raise SystemExit(f"--negatives {args.negatives}: give a ratio >= 0 (0.5: one negative row per two rows)")
+    if args.groups and args.query_style != PER_CATEGORY:
+        raise SystemExit(f"--groups asks a row per group: it needs --query_style {PER_CATEGORY}")
+    if args.data_path.endswith(".json"):
+        if not os.path.isfile(args.data_path):
+            raise SystemExit(f"--data_path {args.data_path}: no such COCO instances file")
+        if args.categories:
+            raise SystemExit(f"--categories names the ids of parquet sources; {args.data_path} names its own categories")
+        image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.data_path))
+        dataset, names, num_crowd = load_coco(args.data_path, image_dir)
+        id_names = None
+        if num_crowd:
+            print(f"left out {num_crowd} crowd annotations (iscrowd=1): regions of several objects, not instances")
+    else:
+        dataset = load_source(args.data_path, args.hub, args.split)
+        id_names, names = objects_source(dataset, args.data_path, args.categories)
+    groups = read_groups(args.groups, names) if args.groups else {}
+    settings = {"names": names, "id_names": id_names, "query_style": args.query_style, "negatives": args.negatives,
+                "seed": args.seed, "groups": groups}  # fmt: skip
+    return dataset, convert_detection_row, settings
 
 
 def main():
@@ -296,17 +393,31 @@ def main():
     parser.add_argument("--split", default="train", help="the source split to read (RefCOCO: val, test, testA, testB)")
     parser.add_argument("--query_column", default="question", help="column of the query; a list gives a row per item")
     parser.add_argument("--hub", choices=["huggingface", "modelscope"], default="huggingface", help="for dataset ids")
-    parser.add_argument(
-        "--task", choices=["grounding", "vqa"], default="grounding",
-        help="grounding: question -> box (the default); vqa: question -> most common human answer, *_vqa files",
-    )  # fmt: skip
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes saving images")
+    parser.add_argument(
+        "--task", choices=["grounding", "vqa", "detect"], default="grounding",
+        help="grounding: question -> box (the default); vqa: question -> most common human answer, *_vqa files; "
+        "detect: a detection source, every object of a category as a list",
+    )  # fmt: skip
+    detect = parser.add_argument_group("--task detect: every object of a category, answered as a list")
+    detect.add_argument("--image_dir", help="COCO: the folder its file_names are relative to (default: the JSON's)")
+    detect.add_argument("--categories", help="names of category ids: one a line (line 1 is id 0), or JSON list/object")
+    detect.add_argument("--query_style", choices=[PER_CATEGORY, ALL_CATEGORIES], default=PER_CATEGORY,
+                        help="a row per category present, or one row asking for all of an image's categories")  # fmt: skip
+    detect.add_argument("--groups", help='JSON {"red shape": ["red circle", ...]}: also a row per group present')
+    detect.add_argument("--negatives", type=float, default=0.0, help="rows asking for an absent category, per row")
+    detect.add_argument("--seed", type=int, default=0, help="which absent categories the negatives ask for")
     args = parser.parse_args()
 
-    dataset = load_source(args.data_path, args.hub, args.split)
-    missing = {"image", args.query_column, "bbox" if args.task == "grounding" else "answer"} - set(dataset.column_names)
-    if missing:
-        raise SystemExit(f"{args.data_path}: missing columns {sorted(missing)}; found {dataset.column_names}")
+    if args.task == "detect":
+        dataset, row_function, settings = load_detection_source(args)
+    else:
+        dataset = load_source(args.data_path, args.hub, args.split)
+        missing = {"image", args.query_column, "bbox" if args.task == "grounding" else "answer"} - set(dataset.column_names)
+        if missing:
+            raise SystemExit(f"{args.data_path}: missing columns {sorted(missing)}; found {dataset.column_names}")
+        row_function = convert_row if args.task == "grounding" else convert_vqa_row
+        settings = {"bbox_format": args.bbox_format, "query_column": args.query_column}
     if isinstance(dataset.features["image"], Image):
         dataset = dataset.cast_column("image", Image(decode=False))  # workers decode, in parallel
 
@@ -339,8 +450,7 @@ def main():
     try:
         for split in splits:
             convert_split(
-                dataset, split, ranges[split], left_out[split], args.save_path, args.bbox_format, args.query_column,
-                args.num_workers, args.task,
+                dataset, split, ranges[split], left_out[split], args.save_path, row_function, settings, args.num_workers
             )
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the split in progress left only *.partial files, cleared by a rerun") from None

@@ -8,6 +8,12 @@
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --num_val 8 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
 #   bash scripts/demo.sh --grpo             # then GRPO from the SFT model (grpo.py, configs/demo_grpo_tiny_cpu.yaml)
+#   bash scripts/demo.sh --task detect      # every box: 1-4 shapes per image, list answers (docs/detect.md)
+#
+# --task detect draws COCO-style data (make_synthetic_data.py --schema coco), converts it with
+# convert2sft_format.py --task detect (a row per category and per colour/shape group, negatives answered []),
+# trains configs/demo_detect_tiny_cpu.yaml and scores the list answers; beside it, the single-box model of
+# the plain demo run in the same --workdir (or --single_box_model DIR) is scored on the same test rows.
 #
 # --workdir DIR (default: the repo) receives models/, data/ and outputs/ exactly where
 # configs/demo_tiny_cpu.yaml expects them, so `python sft.py --config configs/demo_tiny_cpu.yaml`
@@ -16,7 +22,7 @@ set -euo pipefail
 
 CONFIG=configs/demo_tiny_cpu.yaml
 NUM_SAMPLES=3000  # training samples; the test split comes after them
-NUM_TEST=200
+NUM_TEST=""       # empty: 200 test images (100 with --task detect, each of which gives ~6 rows)
 NUM_VAL=100       # the validation split, after the test split: the config's test_dataset_name, never the test images
 MAX_STEPS=""      # empty: the config's max_steps
 BATCH_SIZE=""     # empty: the config's per_device_train_batch_size
@@ -24,11 +30,9 @@ MAX_IMAGE_SIDE="" # empty: the config's max_image_side
 WORKDIR=.
 FAMILY=qwen2_5_vl  # scripts/make_tiny_model.py --family
 GRPO=""           # non-empty: continue from the SFT model with GRPO, evaluate it too
-# The demo's data: one named shape per image, its side a tenth to half of the image's short side, drawn
-# uniformly in log scale so that a quarter of the targets have a side under 15% of it (the results' "side <
-# 15%" column; TextVQA's text boxes are about a tenth). Distractors make the task harder (docs/demo.md); flags
-# after -- are appended, so they override these.
-DATA_FLAGS=(--max_distractors 0 --min_object 0.1 --max_object 0.5 --sizes log)
+TASK=grounding    # or detect: several boxes per answer
+SINGLE_BOX_MODEL=""  # --task detect: the single-box model to score beside it (default: the plain demo's, if run)
+EXTRA_DATA_FLAGS=()  # after --: make_synthetic_data.py flags, appended to the task's, so they override them
 while [ $# -gt 0 ]; do
     case "$1" in
         --num_samples) NUM_SAMPLES="$2"; shift 2 ;;
@@ -40,10 +44,23 @@ while [ $# -gt 0 ]; do
         --workdir) WORKDIR="$2"; shift 2 ;;
         --family) FAMILY="$2"; shift 2 ;;
         --grpo) GRPO=1; shift ;;
-        --) shift; DATA_FLAGS+=("$@"); break ;;
-        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --num_val --max_steps --batch_size --max_image_side --workdir --family --grpo, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
+        --task) TASK="$2"; shift 2 ;;
+        --single_box_model) SINGLE_BOX_MODEL="$2"; shift 2 ;;
+        --) shift; EXTRA_DATA_FLAGS=("$@"); break ;;
+        *) echo "demo.sh: unknown argument '$1' (flags: --num_samples --num_test --num_val --max_steps --batch_size --max_image_side --workdir --family --grpo --task --single_box_model, then -- and make_synthetic_data.py flags)" >&2; exit 2 ;;
     esac
 done
+case "$TASK" in
+    # One named shape per image, its side a tenth to half of the image's short side, drawn uniformly in log
+    # scale so that a quarter of the targets have a side under 15% of it (the results' "side < 15%" column;
+    # TextVQA's text boxes are about a tenth). Distractors make the task harder (docs/demo.md).
+    grounding) DATA_FLAGS=(--max_distractors 0 --min_object 0.1 --max_object 0.5 --sizes log); NUM_TEST="${NUM_TEST:-200}" ;;
+    # 1-4 shapes per image, half of them repeating a category already drawn, sides 150-640 px (docs/detect.md).
+    detect) CONFIG=configs/demo_detect_tiny_cpu.yaml; NUM_TEST="${NUM_TEST:-100}"
+        DATA_FLAGS=(--schema coco --max_objects 4 --min_object 0.15 --max_object 0.35 --min_side 150 --max_side 640) ;;
+    *) echo "demo.sh: unknown --task '$TASK' (grounding or detect)" >&2; exit 2 ;;
+esac
+DATA_FLAGS+=("${EXTRA_DATA_FLAGS[@]}")
 WORKDIR="$(mkdir -p "$WORKDIR" && cd "$WORKDIR" && pwd)"  # absolute: setup_env.sh moves to the repo root
 set --  # setup_env.sh would read leftover arguments as packages to install
 source "$(dirname "$0")/setup_env.sh"
@@ -57,6 +74,12 @@ esac
 SOURCE="$WORKDIR/data/demo_source"  # the synthetic dataset in TextVQA_GT_bbox's own layout
 DATA="$WORKDIR/data/demo"           # the converter's JSONL + images
 TRAINED="$WORKDIR/outputs/cpu_$RUN"  # sft.py prefixes output_dir's name with the device
+if [ "$TASK" = detect ]; then  # its own folders, beside the plain demo's (whose model it is compared with)
+    [ -z "$GRPO" ] || { echo "demo.sh: --grpo runs on the plain demo only, not with --task detect" >&2; exit 2; }
+    SINGLE_BOX_MODEL="${SINGLE_BOX_MODEL:-$TRAINED}"
+    RUN="${RUN/demo_tiny/demo_detect_tiny}"; EVAL="${EVAL/demo_eval/demo_detect_eval}"
+    SOURCE="$WORKDIR/data/demo_detect_source"; DATA="$WORKDIR/data/demo_detect"; TRAINED="$WORKDIR/outputs/cpu_$RUN"
+fi
 GRPO_RUN="${RUN/demo_tiny/demo_grpo_tiny}"  # demo_grpo_tiny_cpu[_qwen3_vl]
 GRPO_TRAINED="$WORKDIR/outputs/cpu_$GRPO_RUN"
 MAX_IMAGE_SIDE="${MAX_IMAGE_SIDE:-$(python -c "import yaml; print(yaml.safe_load(open('$CONFIG'))['max_image_side'])")}"
@@ -72,14 +95,70 @@ stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
     STAGE_TIMES+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
 }
 
-stage "1/7 build the tiny model" \
+[ "$TASK" = detect ] && NUM_STAGES=5 || NUM_STAGES=7
+train_stage() {  # train_stage NUMBER: sft.py with the recipe, on the converted data
+    stage "$1/$NUM_STAGES train (sft.py --config $CONFIG)" \
+        python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
+        --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/val.jsonl" \
+        --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"} \
+        ${BATCH_SIZE:+--per_device_train_batch_size "$BATCH_SIZE"}
+}
+
+stage "1/$NUM_STAGES build the tiny model" \
     python scripts/make_tiny_model.py --family "$FAMILY" --output_dir "$MODEL"
-stage "2/7 draw the synthetic dataset" \
+stage "2/$NUM_STAGES draw the synthetic dataset" \
     python scripts/make_synthetic_data.py --output_dir "$SOURCE" --num_samples $((NUM_SAMPLES + NUM_TEST + NUM_VAL)) "${DATA_FLAGS[@]}"
+RANGES=(--train_range "0:$NUM_SAMPLES" --test_range "$NUM_SAMPLES:$((NUM_SAMPLES + NUM_TEST))"
+        --val_range "$((NUM_SAMPLES + NUM_TEST)):$((NUM_SAMPLES + NUM_TEST + NUM_VAL))")
+if [ "$TASK" = detect ]; then
+    stage "3/5 convert it to JSONL (--task detect: a row per category and group, 0.25 negatives per row)" \
+        python scripts/convert2sft_format.py --task detect --data_path "$SOURCE/instances.json" --save_path "$DATA" \
+        --groups "$SOURCE/groups.json" --negatives 0.25 "${RANGES[@]}"
+    train_stage 4
+    # Up to 4 boxes of ~40 tokens each, and room to see a model that does not stop.
+    stage "5/5 evaluate the trained model" \
+        python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
+        --output_dir "$EVAL/trained" --max_new_tokens 200
+    if [ -d "$SINGLE_BOX_MODEL" ]; then
+        stage "+ the single-box model on the same test rows" \
+            python infer.py --model_name_or_path "$SINGLE_BOX_MODEL" --test_dataset_name "$DATA/test.jsonl" \
+            --output_dir "$EVAL/single_box" --max_new_tokens 200
+    else
+        echo "no single-box model at $SINGLE_BOX_MODEL (run bash scripts/demo.sh with the same --workdir first): not compared"
+    fi
+    echo
+    echo "==> [demo] results on the test rows of the $NUM_TEST held-back test images"
+    python - "$EVAL" <<'EOF'
+import json, os, sys
+
+print("| predictor | F1@0.5 | precision@0.5 | recall@0.5 | recall@0.5, 2+ true objects (boxes) | rejection acc (rows) | malformed |")
+print("|---|---|---|---|---|---|---|")
+for name, folder in (("trained on lists (--task detect)", "trained"), ("single-box model of the plain demo", "single_box")):
+    path = os.path.join(sys.argv[1], folder, "metrics.json")
+    if not os.path.isfile(path):
+        continue
+    with open(path) as f:
+        m = json.load(f)
+    several = [m["by_count"][bucket] for bucket in ("2-3", "4+")]  # the rows with 2 or more true objects
+    true_boxes = sum(bucket["true_boxes"] for bucket in several)
+    matched = sum(bucket["recall@0.5"] * bucket["true_boxes"] for bucket in several if bucket["true_boxes"])
+    recall = f"{matched / true_boxes:.3f} ({true_boxes})" if true_boxes else "- (0)"
+    cells = [f"{m[key]:.3f}" if m[key] is not None else "-" for key in ("f1@0.5", "precision@0.5", "recall@0.5")]
+    rejection = "-" if m["rejection_acc"] is None else f"{m['rejection_acc']:.3f}"
+    print(f"| {name} | {' | '.join(cells)} | {recall} | {rejection} ({m['by_count']['0']['count']}) | {m['malformed_answers']} |")
+EOF
+    echo
+    echo "time per stage:"
+    printf '  %s\n' "${STAGE_TIMES[@]}"
+    echo "  total                              $(printf '%5d' $SECONDS) s"
+    echo
+    echo "pictures (red: prediction, green: matched truth, orange: missed truth): $EVAL/trained/vis/grid.jpg"
+    echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
+    echo "the real model on a COCO-style set: configs/SFT_Qwen2_5-VL-3B-Instruct_detect.yaml (docs/detect.md)"
+    exit 0
+fi
 stage "3/7 convert it to JSONL" \
-    python scripts/convert2sft_format.py --data_path "$SOURCE" --save_path "$DATA" \
-    --train_range "0:$NUM_SAMPLES" --test_range "$NUM_SAMPLES:$((NUM_SAMPLES + NUM_TEST))" \
-    --val_range "$((NUM_SAMPLES + NUM_TEST)):$((NUM_SAMPLES + NUM_TEST + NUM_VAL))"
+    python scripts/convert2sft_format.py --data_path "$SOURCE" --save_path "$DATA" "${RANGES[@]}"
 stage "4/7 baseline: the mean training box" \
     python scripts/mean_box_baseline.py --train_dataset_name "$DATA/train.jsonl" \
     --test_dataset_name "$DATA/test.jsonl" --output_dir "$EVAL/mean_box"
@@ -87,11 +166,7 @@ stage "4/7 baseline: the mean training box" \
 stage "5/7 baseline: the untrained model" \
     python infer.py --model_name_or_path "$MODEL" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/untrained" --max_image_side "$MAX_IMAGE_SIDE" --max_new_tokens 48
-stage "6/7 train (sft.py --config $CONFIG)" \
-    python sft.py --config "$CONFIG" --model_name_or_path "$MODEL" \
-    --train_dataset_name "$DATA/train.jsonl" --test_dataset_name "$DATA/val.jsonl" \
-    --output_dir "$WORKDIR/outputs/$RUN" --overwrite_output_dir true --max_image_side "$MAX_IMAGE_SIDE" ${MAX_STEPS:+--max_steps "$MAX_STEPS"} \
-    ${BATCH_SIZE:+--per_device_train_batch_size "$BATCH_SIZE"}
+train_stage 6
 stage "7/7 evaluate the trained model" \
     python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
     --output_dir "$EVAL/trained" --max_new_tokens 48

@@ -15,19 +15,31 @@ is about the image as a whole, answered by a word (ten identical human answers):
 objects?", "what shape are the objects?" or "how many objects are there?". Converted with
 `convert2sft_format.py --task vqa`, this is the general task that scripts/retention_study.sh teaches first.
 
+With --schema coco or objects, each image holds 1 to --max_objects named shapes, with repeated categories
+(three red circles) and others around them, for `convert2sft_format.py --task detect`: coco writes
+DIR/instances.json and DIR/images/, objects writes parquet rows with image and objects {bbox: [[x, y, w, h],
+...], category: ["red circle", ...]}; both write DIR/groups.json, the attribute queries ("red shape": every
+red one, "triangle": every colour) for the converter's --groups.
+
     python scripts/make_synthetic_data.py --output_dir data/synthetic_textvqa --num_samples 2000
     python scripts/make_synthetic_data.py --output_dir data/synthetic_refcoco --schema refcoco --split val
+    python scripts/make_synthetic_data.py --output_dir data/synthetic_coco --schema coco --max_objects 4
 """
 
 import argparse
+import io
 import math
 import os
 import random
+import sys
 
 from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import write_json_atomic  # noqa: E402
 
 COLORS = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20),
@@ -55,6 +67,9 @@ REFCOCO_FEATURES = Features(
         "iscrowd": Value("int8"),
         "file_name": Value("string"),
     }
+)
+OBJECTS_FEATURES = Features(
+    {"image": Image(), "objects": {"bbox": List(List(Value("float64"))), "category": List(Value("string"))}}
 )
 # lmms-lab/RefCOCO's question column is an instruction for captioning; the expressions are the answers.
 REFCOCO_QUESTION = "Please carefully observe the area circled in the image and come up with a caption for the area."
@@ -142,7 +157,8 @@ def draw_texture(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int,
             draw.line([(0, offset), (width, offset + slope * width)], fill=shade, width=max(1, period // 2))
 
 
-def make_sample(rng: random.Random, index: int, args) -> dict:
+def new_canvas(rng: random.Random, args):
+    """A background image and its drawing context, of a random size and orientation within --min/max_side."""
     # Wide range of sizes and aspect ratios so every resize path of the collator is exercised.
     long_side = rng.randint(args.min_side, args.max_side)
     short_side = max(args.min_side, int(long_side * rng.uniform(0.5, 1.0)))
@@ -156,7 +172,12 @@ def make_sample(rng: random.Random, index: int, args) -> dict:
         for _ in range(rng.randint(5, 20)):
             points = [(rng.randint(0, width), rng.randint(0, height)) for _ in range(2)]
             draw.line(points, fill=tuple(rng.randint(150, 200) for _ in range(3)), width=rng.randint(1, 3))
+    return image, draw
 
+
+def make_sample(rng: random.Random, index: int, args) -> dict:
+    image, draw = new_canvas(rng, args)
+    width, height = image.size
     colors, shapes = args.colors, args.shapes
     target = (rng.choice(colors), rng.choice(shapes))
     target_box = random_box(rng, width, height, target[1], args.min_object, args.max_object, args.sizes)
@@ -217,6 +238,68 @@ def make_general_sample(rng: random.Random, index: int, args) -> dict:
         "dataset_id": str(index),
         "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],  # the object asked about (any, for a count)
     }
+# ---------------------------------------------------------------- multi-object mode (--schema coco / objects)
+def make_detection_sample(rng: random.Random, args) -> tuple[PILImage.Image, list[dict]]:
+    """An image with 1 to --max_objects named shapes, none overlapping, and its objects [{"bbox": [x, y, w, h],
+    "category": "red circle"}]. After the first, each object repeats a category already drawn with probability
+    --repeat (three red circles), else is any category: the distractors of the others' queries."""
+    image, draw = new_canvas(rng, args)
+    width, height = image.size
+    categories = [(color, shape) for color in args.colors for shape in args.shapes]
+    objects, placed = [], []
+    for _ in range(rng.randint(1, args.max_objects)):
+        drawn = [item["category"] for item in objects]
+        color, shape = rng.choice(drawn).split(" ") if drawn and rng.random() < args.repeat else rng.choice(categories)
+        for _attempt in range(20):
+            box = random_box(rng, width, height, shape, args.min_object, args.max_object, args.sizes)
+            if not overlaps(box, placed):
+                draw_shape(draw, shape, box, COLORS[color])
+                placed.append(box)
+                x1, y1, x2, y2 = box
+                objects.append({"bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "category": f"{color} {shape}"})
+                break
+    return image, objects
+
+
+def category_groups(colors, shapes) -> dict[str, list[str]]:
+    """The attribute queries, as the converter's --groups: "red shape" (every red one), "triangle" (every colour)."""
+    groups = {f"{color} shape": [f"{color} {shape}" for shape in shapes] for color in colors}
+    groups.update({shape: [f"{color} {shape}" for color in colors] for shape in shapes})
+    return groups
+
+
+def write_detection_source(rng: random.Random, args) -> None:
+    """COCO (DIR/instances.json, DIR/images/) or parquet rows with objects (DIR/data/{split}-...), plus
+    DIR/groups.json; images are JPEG, written as they are drawn (thousands of large images fit no memory)."""
+    names = [f"{color} {shape}" for color in args.colors for shape in args.shapes]
+    images, annotations, rows = [], [], []
+    os.makedirs(os.path.join(args.output_dir, "images" if args.schema == "coco" else "data"), exist_ok=True)
+    for index in tqdm(range(args.num_samples), desc="drawing images"):
+        image, objects = make_detection_sample(rng, args)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        if args.schema == "objects":
+            rows.append({"image": {"bytes": buffer.getvalue(), "path": None},
+                         "objects": {"bbox": [o["bbox"] for o in objects], "category": [o["category"] for o in objects]}})  # fmt: skip
+            continue
+        file_name = f"images/{index:06d}.jpg"
+        with open(os.path.join(args.output_dir, file_name), "wb") as f:
+            f.write(buffer.getvalue())
+        images.append({"id": index, "file_name": file_name, "width": image.width, "height": image.height})
+        for item in objects:
+            x, y, box_w, box_h = item["bbox"]
+            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": names.index(item["category"]) + 1,
+                                "bbox": item["bbox"], "area": box_w * box_h, "iscrowd": 0})  # fmt: skip
+    if args.schema == "objects":
+        Dataset.from_list(rows, features=OBJECTS_FEATURES).to_parquet(
+            os.path.join(args.output_dir, "data", f"{args.split}-00000-of-00001.parquet")
+        )
+    else:
+        categories = [{"id": number, "name": name, "supercategory": "shape"} for number, name in enumerate(names, start=1)]
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        write_json_atomic(os.path.join(args.output_dir, "instances.json"), coco)
+    write_json_atomic(os.path.join(args.output_dir, "groups.json"), category_groups(args.colors, args.shapes))
+    print(f"{args.num_samples} synthetic multi-object images ({args.schema}) written to {args.output_dir}")
 
 
 def main():
@@ -245,13 +328,21 @@ def main():
         "--general_questions", action="store_true",
         help="colour, shape and count questions with one-word answers on square --max_side images (--task vqa)",
     )  # fmt: skip
-    parser.add_argument("--schema", choices=["textvqa", "refcoco"], default="textvqa", help="which dataset's columns")
+    parser.add_argument(
+        "--schema", choices=["textvqa", "refcoco", "coco", "objects"], default="textvqa",
+        help="which dataset's columns; coco (instances.json) and objects (parquet) draw several objects per image",
+    )  # fmt: skip
+    parser.add_argument("--max_objects", type=int, default=4, help="coco/objects: at most this many objects an image")
+    parser.add_argument("--repeat", type=float, default=0.5, help="coco/objects: chance an object repeats a category")
     parser.add_argument("--split", default="train", help="the split the parquet file is named after")
     args = parser.parse_args()
     if len(args.colors) * len(args.shapes) < 2:
         parser.error("need at least two colour/shape combinations so distractors can differ from the target")
 
     rng = random.Random(args.seed)
+    if args.schema in ("coco", "objects"):
+        write_detection_source(rng, args)
+        return
     make = make_general_sample if args.general_questions else make_sample
     samples = [make(rng, index, args) for index in tqdm(range(args.num_samples), desc="drawing images")]
     if args.schema == "refcoco":
