@@ -3,6 +3,7 @@ families) gives HF generate's boxes; a server that is down or a request that fai
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,40 @@ def scripted_backend(processor, server):
     backend = backends.OpenAIBackend("http://127.0.0.1:1/v1", "EMPTY", "served", 24, concurrency=3)
     backend.client = type("Client", (), {"chat": type("Chat", (), {"completions": server})()})()
     return backend
+
+
+class ServerWithLogprobs:
+    """Answers every request with one box and the log-probabilities of its tokens, as vLLM does for logprobs=True."""
+
+    TOKENS = ['{"', "bbox", "_", "2", "d", '":', " [", "1", ",", " ", "2", ",", " ", "3", "0", ",", " ", "4", "0", "]}"]
+    # The coarse rule reads every digit but each number's last: the 3 of 30 and the 4 of 40.
+    PROBABILITIES = {13: 0.5, 17: 0.8, 7: 0.1, 14: 0.2}  # token index -> probability; the 1 and the 0s are last digits
+
+    def __init__(self):
+        self.sampling = None
+
+    def create(self, model, messages, **sampling):
+        self.sampling = sampling
+        content = [
+            {"token": token, "logprob": math.log(self.PROBABILITIES.get(index, 1.0)), "bytes": None, "top_logprobs": []}
+            for index, token in enumerate(self.TOKENS)
+        ]
+        return openai.types.chat.ChatCompletion.model_validate({
+            "id": "x", "created": 0, "model": model, "object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": content},
+                         "message": {"role": "assistant", "content": "".join(self.TOKENS)}}],
+        })  # fmt: skip
+
+
+def test_server_logprobs_give_each_box_its_confidence(processor, data_dir):
+    rows = load_sft_jsonl(data_dir / "test.jsonl")[:2]
+    settings = ImageSettings.from_processor(processor, 56, FAMILIES["qwen2_5_vl"])
+    server = ServerWithLogprobs()
+    backend = backends.OpenAIBackend("http://127.0.0.1:1/v1", "EMPTY", "served", 24, concurrency=2, logprobs=True)
+    backend.client = type("Client", (), {"chat": type("Chat", (), {"completions": server})()})()
+    predictions = backend.predict(rows, settings)
+    assert server.sampling["logprobs"] is True
+    assert [p["confidence"] for p in predictions] == pytest.approx([0.5 * 0.8] * 2)
 
 
 def test_request_failing_after_retries_is_a_failed_sample_and_a_lost_server_stops(processor, data_dir):
