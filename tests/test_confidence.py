@@ -1,12 +1,15 @@
 """Box confidences from token log-probabilities (confidence.py), against probabilities written by hand."""
 
+import json
 import math
 
 import pytest
+from PIL import Image
 import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from answers import BOX, BOXES
+from conftest import run_script
 from confidence import CONFIDENCE_RULES, box_confidences, token_pieces, reliability, selective_accuracy
 
 
@@ -94,3 +97,27 @@ def test_pieces_rebuild_the_decoded_answer(tokenizer):
     pieces = token_pieces(tokenizer, ids)
     assert len(pieces) == len(ids) and pieces[-1] == ""
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_plot_script_tables_single_boxes_and_list_boxes(tmp_path):
+    """plot_confidence.py on records shaped as infer.py writes them: 8 single-box answers (one unparsed, one from
+    a failed image: both left out) and a list row's boxes, right when matched at IoU 0.5."""
+    single = [(0.9, 0.8), (0.8, 0.7), (0.7, 0.2), (0.6, 0.9), (0.4, 0.1), (0.3, 0.6), (0.2, 0.3), (0.1, 0.4)]
+    records = [{"gt_bbox": [0, 0, 1, 1], "pred_bbox": [0, 0, 1, 1], "confidence": c, "iou": iou, "error": None} for c, iou in single]
+    records += [
+        {"gt_bbox": [0, 0, 1, 1], "pred_bbox": None, "confidence": None, "iou": 0.0, "error": None},
+        {"gt_bbox": [0, 0, 1, 1], "pred_bbox": None, "confidence": None, "iou": None, "error": "cannot read image"},
+        {"gt_boxes": [{}, {}], "matches": [[1, 0, 0.7]], "error": None,
+         "pred_boxes": [{"confidence": 0.95}, {"confidence": 0.35}, {"confidence": 0.55}]},
+    ]  # fmt: skip
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "predictions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    run_script("scripts/plot_confidence.py", eval_dir, "--output_dir", tmp_path / "out", "--name", "t")
+    table = (tmp_path / "out" / "confidence_t.md").read_text()
+    # Single boxes by confidence: hits (IoU >= 0.5) are 1 1 0 1 0 1 0 0 -> the top 2, 4, 6, 8 hold 2, 3, 4, 4 hits.
+    for row in ("| 25% | 2 | 1.000 |", "| 50% | 4 | 0.750 |", "| 75% | 6 | 0.667 |", "| 100% | 8 | 0.500 |"):
+        assert row in table.split("**list boxes**")[0], table
+    # List boxes by confidence: 0.95 (unmatched), 0.55 (unmatched), 0.35 (matched).
+    assert "| 100% | 3 | 0.333 |" in table.split("**list boxes**")[1] and "| 25% | 1 | 0.000 |" in table, table
+    assert Image.open(tmp_path / "out" / "confidence_t.png").size[0] == 2 * (300 + 2 * 40)  # one panel each

@@ -232,6 +232,22 @@ def test_two_processes_give_the_single_process_result(single_process_run, answer
         assert (tmp_path / name).read_bytes() == (single_process_run[0] / name).read_bytes()
 
 
+def test_min_confidence_abstains_and_counts_it(single_process_run, answering_model_dir, data_dir, tmp_path):
+    """The same run under a threshold between its confidences: the less confident answers abstain (no box,
+    counted, not parse failures); the others keep their boxes."""
+    _, _, predictions, metrics = single_process_run
+    confidences = sorted(p["confidence"] for p in predictions if p["confidence"] is not None)
+    threshold = (confidences[len(confidences) // 2 - 1] + confidences[len(confidences) // 2]) / 2
+    result, again, again_metrics = run_infer(
+        "--model_name_or_path", answering_model_dir, "--test_dataset_name", data_dir / "eval.jsonl",
+        "--num_vis", 2, "--min_confidence", threshold, output_dir=tmp_path,
+    )  # fmt: skip
+    below = [p["confidence"] is not None and p["confidence"] < threshold for p in predictions]
+    assert [p["abstained"] for p in again] == below and sum(below) == again_metrics["abstentions"] > 0
+    assert [None if low else p["pred_bbox"] for p, low in zip(predictions, below)] == [p["pred_bbox"] for p in again]
+    assert again_metrics["parse_failures"] == metrics["parse_failures"] and "abstained" in result.stdout
+
+
 def test_zero_shot_base_model_counts_parse_failures_and_logs_to_swanlab(tiny_model_dir, data_dir, tmp_path):
     swanlab_dir = tmp_path / "swanlog"
     result, predictions, metrics = run_infer(
