@@ -173,7 +173,7 @@ def main(reward_args, data_args, training_args, model_args, lora_args) -> int:
 
     transformers.set_seed(training_args.seed)
     inference_files = training.SaveInferenceFiles(
-        image_settings, model_args.model_name_or_path, data_args.train_dataset_name
+        image_settings, model_args.model_name_or_path, data_args.train_dataset_name[0]
     )
     trainer = GroundingGRPOTrainer(
         model=training.load_model(model_args, lora_args, training_args, family),

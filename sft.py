@@ -90,7 +90,7 @@ def main(data_args, training_args, model_args, lora_args, generation_args) -> in
             )  # fmt: skip
     model = load_model(model_args, lora_args, training_args, family)
     inference_files = SaveInferenceFiles(
-        data_collator.image_settings, model_args.model_name_or_path, data_args.train_dataset_name
+        data_collator.image_settings, model_args.model_name_or_path, ", ".join(data_args.train_dataset_name)
     )
 
     trainer = Trainer(

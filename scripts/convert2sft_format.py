@@ -85,14 +85,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from answers import format_answer, valid_box_values  # noqa: E402
-from detection_sources import (  # noqa: E402
-    ALL_CATEGORIES,
-    PER_CATEGORY,
-    detection_records,
-    load_coco,
-    objects_source,
-    read_groups,
-)
+from detection_sources import ALL_CATEGORIES, PER_CATEGORY, detection_records, load_detection_source  # noqa: E402
 from utils import clip_box  # noqa: E402
 from vqa_accuracy import normalize_answer  # noqa: E402
 
@@ -356,31 +349,6 @@ def convert_split(
         )
 
 
-def load_detection_source(args):
-    """The detection dataset (one row per image), convert_detection_row, and its settings."""
-    if args.negatives < 0:
-        raise SystemExit(f"--negatives {args.negatives}: give a ratio >= 0 (0.5: one negative row per two rows)")
-    if args.groups and args.query_style != PER_CATEGORY:
-        raise SystemExit(f"--groups asks a row per group: it needs --query_style {PER_CATEGORY}")
-    if args.data_path.endswith(".json"):
-        if not os.path.isfile(args.data_path):
-            raise SystemExit(f"--data_path {args.data_path}: no such COCO instances file")
-        if args.categories:
-            raise SystemExit(f"--categories names the ids of parquet sources; {args.data_path} names its own categories")
-        image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.data_path))
-        dataset, names, num_crowd = load_coco(args.data_path, image_dir)
-        id_names = None
-        if num_crowd:
-            print(f"left out {num_crowd} crowd annotations (iscrowd=1): regions of several objects, not instances")
-    else:
-        dataset = load_source(args.data_path, args.hub, args.split)
-        id_names, names = objects_source(dataset, args.data_path, args.categories)
-    groups = read_groups(args.groups, names) if args.groups else {}
-    settings = {"names": names, "id_names": id_names, "query_style": args.query_style, "negatives": args.negatives,
-                "seed": args.seed, "groups": groups}  # fmt: skip
-    return dataset, convert_detection_row, settings
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", required=True, help="local dir (parquet shards or save_to_disk) or dataset id")
@@ -410,7 +378,8 @@ def main():
     args = parser.parse_args()
 
     if args.task == "detect":
-        dataset, row_function, settings = load_detection_source(args)
+        dataset, settings = load_detection_source(args, load_source)
+        row_function = convert_detection_row
     else:
         dataset = load_source(args.data_path, args.hub, args.split)
         missing = {"image", args.query_column, "bbox" if args.task == "grounding" else "answer"} - set(dataset.column_names)

@@ -136,6 +136,32 @@ def read_groups(path: str, names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def load_detection_source(args, load_source) -> tuple[Dataset, dict]:
+    """The converter's detection dataset (one row per image) and the settings of its rows, from its arguments;
+    load_source reads a parquet source as the TextVQA path does."""
+    if args.negatives < 0:
+        raise SystemExit(f"--negatives {args.negatives}: give a ratio >= 0 (0.5: one negative row per two rows)")
+    if args.groups and args.query_style != PER_CATEGORY:
+        raise SystemExit(f"--groups asks a row per group: it needs --query_style {PER_CATEGORY}")
+    if args.data_path.endswith(".json"):
+        if not os.path.isfile(args.data_path):
+            raise SystemExit(f"--data_path {args.data_path}: no such COCO instances file")
+        if args.categories:
+            raise SystemExit(f"--categories names the ids of parquet sources; {args.data_path} names its own categories")
+        image_dir = args.image_dir or os.path.dirname(os.path.abspath(args.data_path))
+        dataset, names, num_crowd = load_coco(args.data_path, image_dir)
+        id_names = None
+        if num_crowd:
+            print(f"left out {num_crowd} crowd annotations (iscrowd=1): regions of several objects, not instances")
+    else:
+        dataset = load_source(args.data_path, args.hub, args.split)
+        id_names, names = objects_source(dataset, args.data_path, args.categories)
+    groups = read_groups(args.groups, names) if args.groups else {}
+    settings = {"names": names, "id_names": id_names, "query_style": args.query_style, "negatives": args.negatives,
+                "seed": args.seed, "groups": groups}  # fmt: skip
+    return dataset, settings
+
+
 def detection_records(objects, names, settings, row_index) -> list[tuple[str, str]]:
     """(query, response) pairs for one image's kept objects [{"bbox_2d", "label"}].
 

@@ -175,3 +175,18 @@ def run_infer(*args, output_dir, launcher=(sys.executable,), batch_size=3, env=N
     with open(os.path.join(output_dir, "metrics.json")) as f:
         metrics = json.load(f)
     return result, predictions, metrics
+
+
+def assert_same_predictions(first, second, first_metrics=None, second_metrics=None):
+    """The same prediction records, confidences to float tolerance (merged LoRA weights and base + adapter give
+    the same log-softmax, summed in another order), and the same metrics apart from the mAP ranked by them."""
+    confidence_of = [[record.get("confidence") or -1.0 for record in records] for records in (first, second)]
+    assert confidence_of[0] == pytest.approx(confidence_of[1], rel=1e-5)
+    strip = [[{k: v for k, v in record.items() if k != "confidence"} for record in records] for records in (first, second)]
+    assert strip[0] == strip[1]
+    if first_metrics is not None:
+        ranked = ("model", "map", "map_50", "map_75")
+        assert {k: v for k, v in first_metrics.items() if k not in ranked} == {
+            k: v for k, v in second_metrics.items() if k not in ranked
+        }
+

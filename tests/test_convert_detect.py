@@ -1,7 +1,6 @@
 """convert2sft_format.py --task detect, run as a user would, on a small multi-object source drawn by
 make_synthetic_data.py --schema coco, with bad objects mixed in; then sft.py on its list rows, both families."""
 
-import io
 import json
 import math
 import os
@@ -10,7 +9,6 @@ from collections import Counter
 
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, List, Value
-from PIL import Image as PILImage
 
 from answers import read_answer_boxes
 from conftest import run_script, train

@@ -120,7 +120,7 @@ def test_compare_evals_puts_models_and_test_sets_in_one_table(uninterrupted, tin
     table = (tmp_path / "table.md").read_text()
     assert table in result.stdout
     header, _, baseline_row, model_row = (line.strip("|").split(" | ") for line in table.strip().splitlines())
-    columns = ("Acc@0.5", "mean IoU", "small Acc@0.5")
+    columns = ("Acc@0.5", "mean IoU", "small Acc@0.5", "mAP", "mAP scores 1")
     names = ("textvqa", "refcoco")
     assert [cell.strip() for cell in header] == ["model"] + [f"{test_sets[n]} {c}" for n in names for c in columns]
     assert baseline_row[0].strip() == "mean box" and model_row[0].strip() == str(tiny_model_dir)
@@ -128,10 +128,12 @@ def test_compare_evals_puts_models_and_test_sets_in_one_table(uninterrupted, tin
         baseline = json.loads((tmp_path / name / "metrics.json").read_text())
         model = json.loads((dirs[2 + index] / "metrics.json").read_text())
         for offset, key in enumerate(("acc@0.5", "mean_iou")):
-            cell = 1 + 3 * index + offset
+            cell = 1 + 5 * index + offset
             assert baseline_row[cell].strip() == f"{baseline[key]:.4f}"
             assert model_row[cell].strip() == f"{model[key]:.4f} ({model[key] - baseline[key]:+.4f})"
-        assert baseline_row[3 + 3 * index].strip().endswith(f"(n={baseline['by_size']['small']['count']})")
+        assert baseline_row[3 + 5 * index].strip().endswith(f"(n={baseline['by_size']['small']['count']})")
+        # mAP ranked by confidence: the mean box has none to rank by; the model's is its own (no reference).
+        assert baseline_row[4 + 5 * index].strip() == "n/a" and model_row[4 + 5 * index].strip() == f"{model['map']:.4f}"
     assert any(" (-0." in cell for cell in model_row)  # the untrained model is worse than the mean box somewhere
 
     missing = run_script("scripts/compare_evals.py", tmp_path / "textvqa", tmp_path / "nothing", check=False)

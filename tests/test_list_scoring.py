@@ -309,6 +309,8 @@ def test_compare_evals_shows_list_figures_where_a_test_set_has_list_rows(tmp_pat
         (tmp_path / name / "metrics.json").write_text(json.dumps({"model": model, "test_dataset": test_set, **metrics}))
     result = run_script("scripts/compare_evals.py", *(tmp_path / name for name in "abc"), "--output", tmp_path / "t.md")
     header, _, first, second = result.stdout.splitlines()[:4]
-    assert "boxes.jsonl small Acc@0.5 | lists.jsonl Acc@0.5" in header and "boxes.jsonl F1@0.5" not in header
-    assert header.endswith("| lists.jsonl F1@0.5 | lists.jsonl recall@0.5 | lists.jsonl rejection acc |")
-    assert first.endswith("| 0.6000 | 0.5000 | 1.0000 |") and second.endswith("| 0.7000 (+0.1000) | 0.5000 (+0.0000) | 1.0000 (+0.0000) |")
+    assert "boxes.jsonl mAP scores 1 | lists.jsonl Acc@0.5" in header and "boxes.jsonl F1@0.5" not in header
+    assert header.endswith("| lists.jsonl rejection acc | lists.jsonl mAP | lists.jsonl mAP scores 1 |")
+    # metrics.json files from before mAP have none: "n/a".
+    assert first.endswith("| 0.6000 | 0.5000 | 1.0000 | n/a | n/a |")
+    assert second.endswith("| 0.7000 (+0.1000) | 0.5000 (+0.0000) | 1.0000 (+0.0000) | n/a | n/a |")

@@ -291,10 +291,10 @@ def test_a_partial_run_resumes_only_with_the_same_backend(processor, data_dir, t
     settings = ImageSettings.from_processor(processor, 56, FAMILIES["qwen2_5_vl"])
     common = {"test_dataset_name": str(data_dir / "test.jsonl"), "model_name_or_path": "m", "adapter": None,
               "limit": None, "batch_size": 4, "max_new_tokens": 24, "dtype": "auto",
-              "use_checkpoint_generation_config": False}  # fmt: skip
+              "use_checkpoint_generation_config": False, "confidence_rule": "coarse"}  # fmt: skip
 
     def fingerprint(backend="openai", base_url="http://127.0.0.1:8000/v1", served_model="served"):
-        args = argparse.Namespace(**common, backend=backend, base_url=base_url)
+        args = argparse.Namespace(**common, backend=backend, base_url=base_url, server_logprobs=False)
         return infer.run_fingerprint(args, settings, served_model)
 
     infer.open_partial_file(tmp_path, 0, fingerprint()).close()
