@@ -375,8 +375,10 @@ def train_and_save(trainer, last_checkpoint, inference_files, save_and_stop) -> 
     trainer.train(resume_from_checkpoint=last_checkpoint)
     if not save_and_stop.preempted:
         save_final(trainer, inference_files)
-    # Every rank leaves the process group before it exits: one that exited with it alive was once aborted
-    # ("terminate called without an active exception", SIGABRT) after a complete ZeRO-3 save, failing the run.
+    # Every rank leaves the process group before it exits, and all of them together: one that exited with it
+    # alive, or left it while rank 0 was still writing the final save, was aborted ("terminate called without an
+    # active exception", SIGABRT) after a complete ZeRO-3 save, failing the run.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return PREEMPTED_EXIT_CODE if save_and_stop.preempted else 0
 
