@@ -95,3 +95,21 @@ def make_grid(pictures: list[Image.Image]) -> Image.Image:
         column, row = index % GRID_COLUMNS, index // GRID_COLUMNS
         grid.paste(thumbnail, (column * GRID_CELL + 4, row * GRID_CELL + 4))
     return grid
+
+
+def chart_axes(size, plot_box, title, font_size) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.FreeTypeFont]:
+    """A white chart with its title, the y axis (ticks 0, 0.5, 1) and the baseline, for the studies' bar charts.
+    plot_box: (left, top, bottom) of the plotting area in pixels."""
+    width, _ = size
+    left, top, bottom = plot_box
+    chart = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(chart)
+    font = ImageFont.load_default(size=font_size)
+    draw.text((left, 8), title, "black", font)
+    draw.line((left, top, left, bottom, width - 10, bottom), "black")
+    for tick in (0.0, 0.5, 1.0):
+        y = bottom - tick * (bottom - top)
+        draw.text((8, y - 7), f"{tick:.1f}", "black", font)
+        draw.line((left - 4, y, left, y), "black")
+    return chart, draw, font
+

@@ -9,9 +9,10 @@ import json
 import os
 import sys
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pictures import chart_axes  # noqa: E402
 from scoring import SIDE_BUCKETS, acc_by_target_side  # noqa: E402
 from utils import atomic_path, write_text_atomic  # noqa: E402
 
@@ -21,15 +22,8 @@ BAR_COLORS = dict(zip(SIDE_BUCKETS, ((214, 96, 77), (67, 147, 195))))
 def draw_chart(results: dict[int, dict]) -> Image.Image:
     """Grouped bars: one group per image side, one bar per target size, Acc@0.5 written on each bar."""
     width, height, bottom, top, left = 520, 360, 310, 70, 50
-    chart = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(chart)
-    font = ImageFont.load_default(size=14)
-    draw.text((left, 8), "Acc@0.5 by target side: true box's longer side / image's short side", "black", font)
-    draw.line((left, top, left, bottom, width - 10, bottom), "black")
-    for tick in (0.0, 0.5, 1.0):
-        y = bottom - tick * (bottom - top)
-        draw.text((8, y - 7), f"{tick:.1f}", "black", font)
-        draw.line((left - 4, y, left, y), "black")
+    title = "Acc@0.5 by target side: true box's longer side / image's short side"
+    chart, draw, font = chart_axes((width, height), (left, top, bottom), title, 14)
     group_width = (width - left - 20) / len(results)
     for group, (side, by_side) in enumerate(results.items()):
         x = left + 10 + group * group_width

@@ -11,9 +11,10 @@ import json
 import os
 import sys
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pictures import chart_axes  # noqa: E402
 from utils import atomic_path  # noqa: E402
 
 BARS = {"general task: VQA accuracy": ("vqa_accuracy", (67, 147, 195)), "grounding: Acc@0.5": ("acc@0.5", (214, 96, 77))}
@@ -22,15 +23,8 @@ BARS = {"general task: VQA accuracy": ("vqa_accuracy", (67, 147, 195)), "groundi
 def draw_chart(results: dict[str, dict]) -> Image.Image:
     """Grouped bars: one group per model, one bar per task, the figure written on each bar."""
     width, height, bottom, top, left = 640, 360, 300, 70, 50
-    chart = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(chart)
-    font = ImageFont.load_default(size=13)
-    draw.text((left, 8), "What grounding SFT keeps of the general task (tiny model, CPU)", "black", font)
-    draw.line((left, top, left, bottom, width - 10, bottom), "black")
-    for tick in (0.0, 0.5, 1.0):
-        y = bottom - tick * (bottom - top)
-        draw.text((8, y - 7), f"{tick:.1f}", "black", font)
-        draw.line((left - 4, y, left, y), "black")
+    title = "What grounding SFT keeps of the general task (tiny model, CPU)"
+    chart, draw, font = chart_axes((width, height), (left, top, bottom), title, 13)
     group_width = (width - left - 20) / len(results)
     bar_width = group_width / (len(BARS) + 1)
     for group, (label, metrics) in enumerate(results.items()):
