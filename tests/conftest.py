@@ -1,17 +1,21 @@
-"""Shared fixtures: the tiny model and synthetic data are built once per session by the same
-scripts a user runs, then reused read-only by every test."""
+"""Shared fixtures: the tiny models, synthetic data and trained "answering" models are built by the same
+scripts a user runs, then reused read-only by every test. The models are built once per session and shared
+by the pytest-xdist workers (built_once); the data, a few seconds, once per worker."""
 
 import glob
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORRUPT_LINE = 2  # 0-based line of eval.jsonl (the data_dir fixture) whose image cannot be decoded
-sys.path.insert(0, REPO_DIR)
+sys.path[:0] = [REPO_DIR, os.path.join(REPO_DIR, "scripts")]
 
 
 # The longest files first (docs/testing.md has the durations): scripts/test.sh runs files on parallel workers,
@@ -44,33 +48,57 @@ def run_script(*args, env=None, check=True, timeout=900, cwd=REPO_DIR):
     return result
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("tiny_model")
-    run_script("scripts/make_tiny_model.py", "--output_dir", output_dir)
-    return str(output_dir)
+def script_stops(script, *args):
+    """scripts/<script>.py's main(args) in this process, which must stop on bad input before doing any work;
+    returns the message it stops with. Each subprocess would spend seconds importing torch for the same check."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main([str(arg) for arg in args])
+    assert isinstance(stop.value.code, str), f"{script} {args} stopped with code {stop.value.code}, no message"
+    return stop.value.code
+
+
+def built_once(tmp_path_factory, worker_id, name, build):
+    """The folder `name`, filled by build(folder) once per session: the first xdist worker to ask builds it
+    under a lock while the others wait, then all read it. Shared paths also keep what a model records of
+    its base (the model card's base_model) the same on every worker."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the session's folder, above the workers' own
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not os.path.exists(f"{folder}.built"):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            open(f"{folder}.built", "w").close()
+    return folder
+
+
+def tiny_model(tmp_path_factory, worker_id, name, *flags):
+    build = lambda folder: run_script("scripts/make_tiny_model.py", *flags, "--output_dir", folder)  # noqa: E731
+    return str(built_once(tmp_path_factory, worker_id, name, build))
 
 
 @pytest.fixture(scope="session")
-def tiny_tied_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, worker_id):
+    return tiny_model(tmp_path_factory, worker_id, "tiny_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory, worker_id):
     """The tiny Qwen2.5-VL with lm_head tied to embed_tokens, as the real 3B (and Qwen3-VL-4B) have it."""
-    output_dir = tmp_path_factory.mktemp("tiny_tied_model")
-    run_script("scripts/make_tiny_model.py", "--tie_word_embeddings", "--output_dir", output_dir)
-    return str(output_dir)
+    return tiny_model(tmp_path_factory, worker_id, "tiny_tied_model", "--tie_word_embeddings")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_vl_dir(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("tiny_qwen3_vl")
-    run_script("scripts/make_tiny_model.py", "--family", "qwen3_vl", "--output_dir", output_dir)
-    return str(output_dir)
+def tiny_qwen3_vl_dir(tmp_path_factory, worker_id):
+    return tiny_model(tmp_path_factory, worker_id, "tiny_qwen3_vl", "--family", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_5_dir(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("tiny_qwen3_5")
-    run_script("scripts/make_tiny_model.py", "--family", "qwen3_5", "--output_dir", output_dir)
-    return str(output_dir)
+def tiny_qwen3_5_dir(tmp_path_factory, worker_id):
+    return tiny_model(tmp_path_factory, worker_id, "tiny_qwen3_5", "--family", "qwen3_5")
 
 
 @pytest.fixture(scope="session")
@@ -190,3 +218,27 @@ def assert_same_predictions(first, second, first_metrics=None, second_metrics=No
             k: v for k, v in second_metrics.items() if k not in ranked
         }
 
+
+
+ANSWERING_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def answering_model(request, data_dir, tmp_path_factory, worker_id):
+    """answering_model(family): that family's tiny model fully trained by sft.py until it answers the first 4
+    test samples with their boxes (memorised: the point is answers to score, right and wrong, not
+    generalisation), with its last step also saved as a checkpoint. Trained once per session."""
+    base_fixture = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir", "qwen3_5": "tiny_qwen3_5_dir"}
+
+    def trained(family):
+        base_dir = request.getfixturevalue(base_fixture[family])
+        build = lambda folder: train(  # noqa: E731
+            base_dir, data_dir / "first4.jsonl", folder / "model", "--max_steps", ANSWERING_STEPS,
+            "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
+            "--save_strategy", "steps", "--save_steps", ANSWERING_STEPS,
+        )  # fmt: skip
+        folder = built_once(tmp_path_factory, worker_id, f"answering_{family}", build)
+        (run_dir,) = glob.glob(f"{folder}/*_model")
+        return run_dir
+
+    return trained

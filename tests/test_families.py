@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import generation
 import training
 from answers import build_messages, format_answer, parse_bbox, read_answer_box, render_prompt
-from conftest import assert_same_predictions, run_script, train, train_lora
+from conftest import assert_same_predictions, run_script, train_lora
 from model_families import FAMILIES, MODEL_FRAME_0_1000, detect_family, linear_attention_kernels_available
 from test_collator import per_sample_losses
 from test_grpo import grpo, step_records
@@ -133,23 +133,13 @@ def infer_cli(*args, output_dir, check=True):
 
 
 @pytest.fixture(scope="module")
-def answering_qwen3_vl(tiny_qwen3_vl_dir, data_dir, tmp_path_factory):
-    """The tiny Qwen3-VL fully trained by sft.py until it answers the first 4 test samples."""
-    output_dir = tmp_path_factory.mktemp("answering_qwen3_vl") / "model"
-    return train(
-        tiny_qwen3_vl_dir, data_dir / "first4.jsonl", output_dir,
-        "--max_steps", 150, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
-    )  # fmt: skip
+def answering_qwen3_vl(answering_model):
+    return answering_model("qwen3_vl")
 
 
 @pytest.fixture(scope="module")
-def answering_qwen3_5(tiny_qwen3_5_dir, data_dir, tmp_path_factory):
-    """The tiny Qwen3.5 fully trained by sft.py until it answers the first 4 test samples."""
-    output_dir = tmp_path_factory.mktemp("answering_qwen3_5") / "model"
-    return train(
-        tiny_qwen3_5_dir, data_dir / "first4.jsonl", output_dir,
-        "--max_steps", 150, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
-    )  # fmt: skip
+def answering_qwen3_5(answering_model):
+    return answering_model("qwen3_5")
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_5"])

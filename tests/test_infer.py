@@ -16,7 +16,7 @@ import infer
 import pictures
 import scoring
 from answers import format_answer, parse_bbox, read_answer_box
-from conftest import ACCELERATE_2, CORRUPT_LINE, assert_same_predictions, run_infer, run_script, train, train_lora
+from conftest import ACCELERATE_2, CORRUPT_LINE, assert_same_predictions, run_infer, run_script, train_lora
 from model_families import FAMILIES
 from utils import ImageSettings, load_sft_jsonl
 from vqa_accuracy import vqa_accuracy
@@ -85,14 +85,8 @@ def test_parser_on_real_world_outputs(text, expected):
 
 # ---------------------------------------------------------------- the CLI on trained models
 @pytest.fixture(scope="module")
-def answering_model_dir(tiny_model_dir, data_dir, tmp_path_factory):
-    """The tiny model fully trained until it answers the first 4 test samples with their boxes
-    (memorised: the point is answers to score, right and wrong, not generalisation)."""
-    output_dir = tmp_path_factory.mktemp("answering") / "model"
-    return train(
-        tiny_model_dir, data_dir / "first4.jsonl", output_dir,
-        "--max_steps", 150, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
-    )  # fmt: skip
+def answering_model_dir(answering_model):
+    return answering_model("qwen2_5_vl")
 
 
 def independent_iou(box_a, box_b):

@@ -16,23 +16,16 @@ import backends
 import infer
 import scoring
 from answers import BOX, BOXES, CHAT_TEMPLATE_KWARGS, PROMPT_SUFFIX, render_prompt
-from conftest import REPO_DIR, infer_command, run_script, train
+from conftest import ANSWERING_STEPS, REPO_DIR, infer_command, run_script, train
 from model_card import CARD_FILE, card_metadata
 from model_families import FAMILIES
 from utils import IMAGE_SETTINGS_FILE, ImageSettings, load_sft_jsonl
 
 
 @pytest.fixture(scope="module")
-def trained_models(tiny_model_dir, tiny_qwen3_vl_dir, data_dir, tmp_path_factory):
-    """Both tiny families trained briefly on 4 samples (enough to answer in the box format), saving a checkpoint."""
-    trained = {}
-    for family, base_dir in (("qwen2_5_vl", tiny_model_dir), ("qwen3_vl", tiny_qwen3_vl_dir)):
-        output_dir = tmp_path_factory.mktemp(f"served_{family}") / "model"
-        trained[family] = train(
-            base_dir, data_dir / "first4.jsonl", output_dir, "--max_steps", 60, "--learning_rate", 5e-3,
-            "--lr_scheduler_type", "constant", "--save_strategy", "steps", "--save_steps", 60,
-        )  # fmt: skip
-    return trained
+def trained_models(answering_model):
+    """Both tiny families trained on 4 samples until they answer them (conftest), each with a checkpoint."""
+    return {family: answering_model(family) for family in ("qwen2_5_vl", "qwen3_vl")}
 
 
 def transformers_serve(model_dir, log_path):
@@ -239,7 +232,8 @@ def check_self_contained(directory, base_model):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_final_save_and_checkpoints_are_self_contained(family, trained_models, tiny_model_dir, tiny_qwen3_vl_dir):
     base = {"qwen2_5_vl": tiny_model_dir, "qwen3_vl": tiny_qwen3_vl_dir}[family]
-    for directory in (trained_models[family], os.path.join(trained_models[family], "checkpoint-60")):
+    checkpoint = os.path.join(trained_models[family], f"checkpoint-{ANSWERING_STEPS}")
+    for directory in (trained_models[family], checkpoint):
         metadata = check_self_contained(directory, base)
         assert metadata["datasets"][0].endswith("first4.jsonl") and metadata["tags"][1] == family
 
