@@ -349,7 +349,7 @@ def convert_split(
         )
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", required=True, help="local dir (parquet shards or save_to_disk) or dataset id")
     parser.add_argument("--save_path", required=True, help="output dir for {split}.jsonl and images")
@@ -375,7 +375,7 @@ def main():
     detect.add_argument("--groups", help='JSON {"red shape": ["red circle", ...]}: also a row per group present')
     detect.add_argument("--negatives", type=float, default=0.0, help="rows asking for an absent category, per row")
     detect.add_argument("--seed", type=int, default=0, help="which absent categories the negatives ask for")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.task == "detect":
         dataset, settings = load_detection_source(args, load_source)

@@ -18,7 +18,7 @@ import pytest
 from datasets import Dataset, load_dataset
 from PIL import Image
 
-from conftest import REPO_DIR, run_script
+from conftest import REPO_DIR, run_script, script_stops
 from utils import load_sft_jsonl
 
 SCRIPT = "scripts/convert2sft_format.py"
@@ -306,19 +306,16 @@ def test_bad_arguments_fail_with_clear_errors(source, env, tmp_path):
     result = run_script(
         SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:45",
         "--test_range", "40:52", env=env, check=False,
-    )  # fmt: skip
+    )  # as a user runs it; the other checks in this process  # fmt: skip
     assert result.returncode != 0 and "--train_range 0:45 overlaps --test_range 40:52" in result.stderr
-    result = run_script(
-        SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:30",
-        "--val_range", "30:41", "--test_range", "40:52", env=env, check=False,
-    )  # fmt: skip
-    assert result.returncode != 0 and "--val_range 30:41 overlaps --test_range 40:52" in result.stderr
+    hub = ["--data_path", source["layouts"]["hub"], "--save_path", tmp_path]
+    message = script_stops("convert2sft_format", *hub, "--train_range", "0:30", "--val_range", "30:41", "--test_range", "40:52")
+    assert "--val_range 30:41 overlaps --test_range 40:52" in message
     # The default ranges on a smaller dataset: the message names the value that works.
-    result = run_script(SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, env=env, check=False)
-    assert result.returncode != 0 and "--train_range 0:3000 is not inside the 52 rows of split train" in result.stderr
-    assert "END <= 52, or START: (e.g. 0:) to read to the end" in result.stderr
-    result = run_script(SCRIPT, "--data_path", tmp_path / "missing", "--save_path", tmp_path, env=env, check=False)
-    assert result.returncode != 0 and "no such directory" in result.stderr
+    message = script_stops("convert2sft_format", *hub)
+    assert "--train_range 0:3000 is not inside the 52 rows of split train" in message
+    assert "END <= 52, or START: (e.g. 0:) to read to the end" in message
+    assert "no such directory" in script_stops("convert2sft_format", "--data_path", tmp_path / "missing", "--save_path", tmp_path)
     assert not os.listdir(tmp_path)
 
 

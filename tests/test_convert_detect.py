@@ -11,7 +11,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image, List, Value
 
 from answers import read_answer_boxes
-from conftest import run_script, train
+from conftest import run_script, script_stops, train
 
 SCRIPT = "scripts/convert2sft_format.py"
 RANGES = ["--train_range", "0:8", "--val_range", "8:10", "--test_range", "10:12"]
@@ -197,30 +197,29 @@ def test_bad_detection_inputs_fail_naming_the_file_and_place(coco, tmp_path):
     broken = json.loads(json.dumps(instances))
     broken["annotations"][2]["category_id"] = 77
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    result = convert(tmp_path / "broken.json", tmp_path / "out", "--image_dir", root, check=False)
+    result = convert(tmp_path / "broken.json", tmp_path / "out", "--image_dir", root, check=False)  # as a user runs it
     assert result.returncode != 0
     assert f"broken.json: annotations[2] (id {broken['annotations'][2]['id']}): category_id 77 is not in categories" in result.stderr
-    (tmp_path / "no_images.json").write_text(json.dumps({"annotations": [], "categories": []}))
-    result = convert(tmp_path / "no_images.json", tmp_path / "out", check=False)
-    assert result.returncode != 0 and "no_images.json: a COCO instances file needs the keys ['images']" in result.stderr
 
+    def stops(data_path, *extra):
+        args = ["--task", "detect", "--data_path", data_path, "--save_path", tmp_path / "out", *RANGES, *extra]
+        return script_stops("convert2sft_format", *args)
+
+    (tmp_path / "no_images.json").write_text(json.dumps({"annotations": [], "categories": []}))
+    assert "no_images.json: a COCO instances file needs the keys ['images']" in stops(tmp_path / "no_images.json")
     names = {category["id"]: category["name"] for category in instances["categories"]}
     ids = parquet_from_coco(root, instances, tmp_path / "ids", Value("int64"), lambda i: i - 1)
-    result = convert(ids, tmp_path / "out", check=False)
-    assert result.returncode != 0 and "objects.category holds ids" in result.stderr and "--categories FILE" in result.stderr
+    message = stops(ids)
+    assert "objects.category holds ids" in message and "--categories FILE" in message
     (tmp_path / "gap.txt").write_text(f"{names[1]}\n\n{names[2]}\n")
-    result = convert(ids, tmp_path / "out", "--categories", tmp_path / "gap.txt", check=False)
-    assert result.returncode != 0 and "gap.txt:2: empty line" in result.stderr
+    assert "gap.txt:2: empty line" in stops(ids, "--categories", tmp_path / "gap.txt")
     (tmp_path / "short.txt").write_text(f"{names[1]}\n")
-    result = convert(ids, tmp_path / "out", "--categories", tmp_path / "short.txt", check=False)
-    assert result.returncode != 0 and re.search(r"ids: row \d+: category ids \[[\d, ]+\] are not named in \S+short.txt", result.stderr)
-    result = convert(root / "instances.json", tmp_path / "out", "--query_style", "all_categories", "--groups",
-                     root / "groups.json", check=False)  # fmt: skip
-    assert result.returncode != 0 and "--groups asks a row per group: it needs --query_style per_category" in result.stderr
-    result = convert(root / "instances.json", tmp_path / "out", "--categories", tmp_path / "short.txt", check=False)
-    assert result.returncode != 0 and "instances.json names its own categories" in result.stderr
-    result = convert(root / "instances.json", tmp_path / "out", "--negatives", "-1", check=False)
-    assert result.returncode != 0 and "--negatives -1.0: give a ratio >= 0" in result.stderr
+    message = stops(ids, "--categories", tmp_path / "short.txt")
+    assert re.search(r"ids: row \d+: category ids \[[\d, ]+\] are not named in \S+short.txt", message), message
+    message = stops(root / "instances.json", "--query_style", "all_categories", "--groups", root / "groups.json")
+    assert "--groups asks a row per group: it needs --query_style per_category" in message
+    assert "instances.json names its own categories" in stops(root / "instances.json", "--categories", tmp_path / "short.txt")
+    assert "--negatives -1.0: give a ratio >= 0" in stops(root / "instances.json", "--negatives", "-1")
     assert not (tmp_path / "out").exists()
 
 
