@@ -4,7 +4,7 @@
 #
 #   bash scripts/demo.sh                    # about 15 minutes on 2 CPU cores
 #   bash scripts/demo.sh --family qwen3_vl  # the same with a tiny Qwen3-VL (answers in 0-1000)
-#   bash scripts/demo.sh --family qwen3_5   # the same with a tiny Qwen3.5 (Gated DeltaNet layers, answers in 0-1000)
+#   bash scripts/demo.sh --family qwen3_5   # the same with a tiny Qwen3.5 (Gated DeltaNet layers, answers in 0-1000; ~26 min)
 #   bash scripts/demo.sh --num_samples 64 --num_test 16 --num_val 8 --max_steps 20 --workdir /tmp/demo   # a quick look
 #   bash scripts/demo.sh --workdir runs/other -- --colors purple cyan --clutter   # after --: make_synthetic_data.py flags
 #   bash scripts/demo.sh --grpo             # then GRPO from the SFT model (grpo.py, configs/demo_grpo_tiny_cpu.yaml)
