@@ -39,7 +39,7 @@ exactly as they are. One line:
     {"image": ["train_vqa/000123.jpg"], "query": "what is ...? Answer the question using a single word or phrase.",
      "response": "coca cola", "answers": ["coca cola", "coca-cola", ...]}
 
---task detect reads a detection source instead (scripts/detection_sources.py): a COCO instances.json (its
+--task detect reads a detection source instead (scripts/sources.py): a COCO instances.json (its
 file_names relative to --image_dir, default the JSON's folder) or parquet rows with `image` and `objects`
 {bbox: [[x, y, w, h], ...], category: [...]} (names, or ids named by --categories FILE). Each image gives rows
 asking Qwen's cookbook prompt, answered with every matching box in original pixels, in reading order:
@@ -65,7 +65,6 @@ Hugging Face dataset id (jrzhang/TextVQA_GT_bbox) or, with --hub modelscope, a M
 """
 
 import argparse
-import glob
 import hashlib
 import itertools
 import json
@@ -78,14 +77,14 @@ from collections import Counter
 from multiprocessing import Pool
 
 import torch
-from datasets import Image, load_dataset, load_from_disk
+from datasets import Image
 from PIL.Image import DecompressionBombError, UnidentifiedImageError
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from answers import format_answer, valid_box_values  # noqa: E402
-from detection_sources import ALL_CATEGORIES, PER_CATEGORY, detection_records, load_detection_source  # noqa: E402
+from sources import ALL_CATEGORIES, PER_CATEGORY, detection_records, load_detection_source, load_source  # noqa: E402
 from utils import clip_box  # noqa: E402
 from vqa_accuracy import normalize_answer  # noqa: E402
 
@@ -103,42 +102,6 @@ def parse_range(text: str) -> tuple[int, int | None]:
     if not sep or not (start or "0").isdigit() or not (end or "0").isdigit():
         raise argparse.ArgumentTypeError(f"expected START:END row indices, e.g. 0:3000, got {text!r}")
     return int(start or 0), int(end) if end else None
-
-
-def load_source(data_path: str, hub: str, split: str):
-    """One split of the dataset as a Dataset, from any of the layouts in the module docstring."""
-    if os.path.isdir(data_path):
-        return load_local(data_path, split)
-    if os.path.isabs(data_path) or data_path.startswith(".") or data_path.count("/") != 1:
-        raise SystemExit(f"--data_path {data_path}: no such directory, and not a dataset id like owner/name")
-    if hub == "modelscope":
-        from modelscope import dataset_snapshot_download
-
-        return load_local(dataset_snapshot_download(data_path), split)
-    return load_dataset(data_path, split=split)
-
-
-def load_local(directory: str, split: str):
-    if any(os.path.isfile(os.path.join(directory, name)) for name in ("state.json", "dataset_dict.json")):
-        dataset = load_from_disk(directory)
-        if isinstance(dataset, dict):  # a saved DatasetDict
-            if split not in dataset:
-                raise SystemExit(f"{directory}: saved DatasetDict has splits {list(dataset)}, not --split {split}")
-            dataset = dataset[split]
-        return dataset
-    if not glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True):
-        raise SystemExit(
-            f"{directory}: no *.parquet shards and no save_to_disk files (state.json) found. Expected the "
-            "Hub/ModelScope layout (data/train-*.parquet) or a datasets.save_to_disk directory."
-        )
-    # The parquet builder reads the shards (and their embedded features) directly, so a legacy
-    # dataset_infos.json beside them, e.g. the ModelScope uploader's whose Values lack "dtype"
-    # (TypeError in load_dataset(dir) as of datasets 5.2), is never read nor touched.
-    # Hub shards are named data/{split}-00000-of-00004.parquet, which names any split (testA too).
-    try:
-        return load_dataset("parquet", data_dir=directory, split=split)
-    except ValueError as error:  # "Unknown split ..." names the splits found
-        raise SystemExit(f"{directory}: no --split {split} in the parquet shards: {error}") from None
 
 
 def image_identity(image: dict) -> str:
@@ -378,7 +341,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.task == "detect":
-        dataset, settings = load_detection_source(args, load_source)
+        dataset, settings = load_detection_source(args)
         row_function = convert_detection_row
     else:
         dataset = load_source(args.data_path, args.hub, args.split)

@@ -1,6 +1,9 @@
-"""Detection sources for `convert2sft_format.py --task detect`, and the grounding rows made from one image.
+"""The sources `convert2sft_format.py` reads, and the grounding rows made from one image of a detection source.
 
-Two source forms are read into one: a Dataset with an `image` column (encoded, not decoded) and `objects`
+`load_source`: a TextVQA-schema dataset (or any parquet source) from a local folder (Hub/ModelScope parquet
+layout or datasets.save_to_disk), a Hub id or a ModelScope id.
+
+Detection sources (--task detect), two forms read into one: a Dataset with an `image` column (encoded, not decoded) and `objects`
 {bbox: [[x, y, w, h], ...] in original pixels, category: [...]}, one row per image.
   - COCO: an instances.json (images, annotations, categories) plus the folder of its images;
   - parquet rows (Hub layout, save_to_disk or a dataset id) with `image` and `objects`, whose category is a
@@ -9,13 +12,51 @@ Each image then gives rows whose answer is Qwen's list, `[{"bbox_2d": [x1, y1, x
 in original pixels, asked with Qwen's cookbook prompt (`detection_query`).
 """
 
+import glob
 import json
 import os
 import random
 
-from datasets import ClassLabel, Dataset, Features, Image, List, Value
+from datasets import ClassLabel, Dataset, Features, Image, List, Value, load_dataset, load_from_disk
 
 from answers import format_boxes_answer
+
+
+def load_source(data_path: str, hub: str, split: str):
+    """One split of the dataset as a Dataset, from any of the layouts in convert2sft_format.py's docstring."""
+    if os.path.isdir(data_path):
+        return load_local(data_path, split)
+    if os.path.isabs(data_path) or data_path.startswith(".") or data_path.count("/") != 1:
+        raise SystemExit(f"--data_path {data_path}: no such directory, and not a dataset id like owner/name")
+    if hub == "modelscope":
+        from modelscope import dataset_snapshot_download
+
+        return load_local(dataset_snapshot_download(data_path), split)
+    return load_dataset(data_path, split=split)
+
+
+def load_local(directory: str, split: str):
+    if any(os.path.isfile(os.path.join(directory, name)) for name in ("state.json", "dataset_dict.json")):
+        dataset = load_from_disk(directory)
+        if isinstance(dataset, dict):  # a saved DatasetDict
+            if split not in dataset:
+                raise SystemExit(f"{directory}: saved DatasetDict has splits {list(dataset)}, not --split {split}")
+            dataset = dataset[split]
+        return dataset
+    if not glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True):
+        raise SystemExit(
+            f"{directory}: no *.parquet shards and no save_to_disk files (state.json) found. Expected the "
+            "Hub/ModelScope layout (data/train-*.parquet) or a datasets.save_to_disk directory."
+        )
+    # The parquet builder reads the shards (and their embedded features) directly, so a legacy
+    # dataset_infos.json beside them, e.g. the ModelScope uploader's whose Values lack "dtype"
+    # (TypeError in load_dataset(dir) as of datasets 5.2), is never read nor touched.
+    # Hub shards are named data/{split}-00000-of-00004.parquet, which names any split (testA too).
+    try:
+        return load_dataset("parquet", data_dir=directory, split=split)
+    except ValueError as error:  # "Unknown split ..." names the splits found
+        raise SystemExit(f"{directory}: no --split {split} in the parquet shards: {error}") from None
+
 
 PER_CATEGORY, ALL_CATEGORIES = "per_category", "all_categories"
 DETECTION_FEATURES = Features(
@@ -136,9 +177,9 @@ def read_groups(path: str, names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def load_detection_source(args, load_source) -> tuple[Dataset, dict]:
+def load_detection_source(args) -> tuple[Dataset, dict]:
     """The converter's detection dataset (one row per image) and the settings of its rows, from its arguments;
-    load_source reads a parquet source as the TextVQA path does."""
+    a parquet source is read by load_source, as the TextVQA path does."""
     if args.negatives < 0:
         raise SystemExit(f"--negatives {args.negatives}: give a ratio >= 0 (0.5: one negative row per two rows)")
     if args.groups and args.query_style != PER_CATEGORY:
