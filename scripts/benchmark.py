@@ -26,12 +26,7 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from transformers import AutoProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 # Read before anything applies Liger, which assigns this name whether transformers still calls it or not.
@@ -40,24 +35,12 @@ QWEN2_5_VL_HAS_MROPE_FUNCTION = hasattr(modeling_qwen2_5_vl, "apply_multimodal_r
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from answers import render_prompt  # noqa: E402
+from benchmark_models import load_model, parameter_split, parameter_split_3b, training_flops  # noqa: E402
 from model_families import detect_family  # noqa: E402
 from generation import predict  # noqa: E402
 from utils import DEFAULT_MAX_IMAGE_SIDE, ImageSettings, load_image, to_model_frame  # noqa: E402
 from vision_datacollator import PADDING_MODES, GroundingCollator  # noqa: E402
 
-# Qwen2.5-VL-3B-Instruct's architecture (sizes only; token ids come from the processor in use).
-ARCH_3B = dict(
-    text_config=dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    ),
-    vision_config=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-        fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2,
-    ),
-    tie_word_embeddings=True,
-)  # fmt: skip
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 PARITY_LR = 1e-4  # big enough to move bf16 weights, so later steps' losses compare the gradients too
 ASSUMED_MFU = 0.4  # what a well-fed 3B fine-tuning run reaches on an H100: an assumption, not a measurement
@@ -72,18 +55,6 @@ def library_versions() -> str:
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{name} not installed")
     return ", ".join(versions)
-
-
-def parameter_split(model) -> tuple[int, int]:
-    """(language model + lm_head, vision tower) parameter counts; tied embeddings count once."""
-    vision = sum(p.numel() for p in model.model.visual.parameters())
-    return sum(p.numel() for p in model.parameters()) - vision, vision
-
-
-def training_flops(text_parameters, vision_parameters, tokens, patches) -> float:
-    """Forward + backward matmul FLOPs: 6 per parameter per token (text) or patch (vision) it sees;
-    attention scores are left out (sequences here are short)."""
-    return 6 * (text_parameters * tokens + vision_parameters * patches)
 
 
 def run(*args):
@@ -103,47 +74,6 @@ def build_inputs(args, workdir):
     from utils import load_sft_jsonl
 
     return model_dir, load_sft_jsonl(os.path.join(workdir, "sft", "train.jsonl"))
-
-
-def config_3b(processor) -> Qwen2_5_VLConfig:
-    tokenizer = processor.tokenizer
-    return Qwen2_5_VLConfig(
-        **ARCH_3B,
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-
-
-def parameter_split_3b(processor) -> tuple[int, int]:
-    with torch.device("meta"):  # sizes only, no memory
-        return parameter_split(Qwen2_5_VLForConditionalGeneration(config_3b(processor)))
-
-
-def load_model(args, model_dir, processor, attn_implementation, liger):
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    if args.arch == "3b":
-        config = config_3b(processor)
-        config._attn_implementation = attn_implementation
-        with torch.device(args.device):
-            model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)  # random init: speed, not quality
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation=attn_implementation
-        ).to(args.device)
-    if liger:
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(model, None)  # what Trainer does for use_liger_kernel: true
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora:  # configs/SFT_Qwen2_5-VL-3B-Instruct_vqa_lora.yaml's adapters
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        model = get_peft_model(model, lora)
-    return model
 
 
 def synchronize(device):
