@@ -284,15 +284,19 @@ def test_picture_of_a_list_row_tells_matched_from_missed_and_labels_predictions(
     assert extent(both_found, pictures.MISSED_COLOR) is None
 
 
-def test_grpo_trains_list_rows_beside_a_single_box_row(tiny_model_dir, list_jsonl, tmp_path):
-    """Two steps on the list rows and the single-box row, each scored by its own rewards; the default rewards,
-    which score single boxes only, are refused for a set with list rows before the model loads."""
+def test_grpo_refuses_rewards_that_score_no_list_row(tiny_model_dir, list_jsonl, tmp_path):
+    """The default rewards score single boxes only: a set with list rows is refused before the model loads."""
     refused = run_script("grpo.py", "--config", "configs/demo_grpo_tiny_cpu.yaml", "--model_name_or_path", tiny_model_dir,
                          "--train_dataset_name", list_jsonl, "--output_dir", tmp_path / "refused", check=False)  # fmt: skip
     assert refused.returncode != 0 and "boxes rows that none of reward_funcs ['iou', 'format'] scores" in refused.stderr
     assert "Loading weights" not in refused.stderr
 
-    grpo("--model_name_or_path", tiny_model_dir, "--train_dataset_name", list_jsonl, "--max_image_side", 56,
+
+@pytest.mark.parametrize("family_fixture", ["tiny_model_dir", "tiny_qwen3_vl_dir"])
+def test_grpo_trains_list_rows_beside_a_single_box_row(family_fixture, list_jsonl, request, tmp_path):
+    """Two steps on the list rows and the single-box row, each scored by its own rewards, for both families."""
+    model_dir = request.getfixturevalue(family_fixture)
+    grpo("--model_name_or_path", model_dir, "--train_dataset_name", list_jsonl, "--max_image_side", 56,
          "--output_dir", tmp_path / "lists", "--reward_funcs", "list_iou", "list_format", "iou",
          "--reward_weights", 1.0, 0.5, 1.0, "--max_completion_length", 16, "--max_steps", 2, "--save_strategy", "no")  # fmt: skip
     records = step_records(tmp_path / "cpu_lists")
