@@ -95,6 +95,13 @@ stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
     STAGE_TIMES+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
 }
 
+eval_stage() {  # eval_stage NAME MODEL FOLDER MAX_NEW_TOKENS [infer.py flags]: infer.py on the test rows, into $EVAL/FOLDER
+    local name="$1" model="$2" folder="$3" max_new_tokens="$4"
+    shift 4
+    stage "$name" python infer.py --model_name_or_path "$model" --test_dataset_name "$DATA/test.jsonl" \
+        --output_dir "$EVAL/$folder" --max_new_tokens "$max_new_tokens" "$@"
+}
+
 [ "$TASK" = detect ] && NUM_STAGES=5 || NUM_STAGES=7
 train_stage() {  # train_stage NUMBER: sft.py with the recipe, on the converted data
     stage "$1/$NUM_STAGES train (sft.py --config $CONFIG)" \
@@ -116,13 +123,9 @@ if [ "$TASK" = detect ]; then
         --groups "$SOURCE/groups.json" --negatives 0.25 "${RANGES[@]}"
     train_stage 4
     # Up to 4 boxes of ~40 tokens each, and room to see a model that does not stop.
-    stage "5/5 evaluate the trained model" \
-        python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
-        --output_dir "$EVAL/trained" --max_new_tokens 200
+    eval_stage "5/5 evaluate the trained model" "$TRAINED" trained 200
     if [ -d "$SINGLE_BOX_MODEL" ]; then
-        stage "+ the single-box model on the same test rows" \
-            python infer.py --model_name_or_path "$SINGLE_BOX_MODEL" --test_dataset_name "$DATA/test.jsonl" \
-            --output_dir "$EVAL/single_box" --max_new_tokens 200
+        eval_stage "+ the single-box model on the same test rows" "$SINGLE_BOX_MODEL" single_box 200
     else
         echo "no single-box model at $SINGLE_BOX_MODEL (run bash scripts/demo.sh with the same --workdir first): not compared"
     fi
@@ -163,20 +166,14 @@ stage "4/7 baseline: the mean training box" \
     python scripts/mean_box_baseline.py --train_dataset_name "$DATA/train.jsonl" \
     --test_dataset_name "$DATA/test.jsonl" --output_dir "$EVAL/mean_box"
 # The untrained model shows what the architecture alone scores; it rarely even writes a box.
-stage "5/7 baseline: the untrained model" \
-    python infer.py --model_name_or_path "$MODEL" --test_dataset_name "$DATA/test.jsonl" \
-    --output_dir "$EVAL/untrained" --max_image_side "$MAX_IMAGE_SIDE" --max_new_tokens 48
+eval_stage "5/7 baseline: the untrained model" "$MODEL" untrained 48 --max_image_side "$MAX_IMAGE_SIDE"
 train_stage 6
-stage "7/7 evaluate the trained model" \
-    python infer.py --model_name_or_path "$TRAINED" --test_dataset_name "$DATA/test.jsonl" \
-    --output_dir "$EVAL/trained" --max_new_tokens 48
+eval_stage "7/7 evaluate the trained model" "$TRAINED" trained 48
 if [ -n "$GRPO" ]; then
     stage "+1 GRPO from the SFT model (grpo.py --config configs/demo_grpo_tiny_cpu.yaml)" \
         python grpo.py --config configs/demo_grpo_tiny_cpu.yaml --model_name_or_path "$TRAINED" \
         --train_dataset_name "$DATA/train.jsonl" --output_dir "$WORKDIR/outputs/$GRPO_RUN" --overwrite_output_dir true
-    stage "+2 evaluate the GRPO model" \
-        python infer.py --model_name_or_path "$GRPO_TRAINED" --test_dataset_name "$DATA/test.jsonl" \
-        --output_dir "$EVAL/grpo" --max_new_tokens 48
+    eval_stage "+2 evaluate the GRPO model" "$GRPO_TRAINED" grpo 48
 fi
 
 echo
