@@ -95,6 +95,14 @@ stage() {  # stage NAME COMMAND...: run one step of the pipeline, timed
     STAGE_TIMES+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
 }
 
+print_stage_times() {
+    echo
+    echo "time per stage:"
+    printf '  %s\n' "${STAGE_TIMES[@]}"
+    echo "  total                              $(printf '%5d' $SECONDS) s"
+    echo
+}
+
 eval_stage() {  # eval_stage NAME MODEL FOLDER MAX_NEW_TOKENS [infer.py flags]: infer.py on the test rows, into $EVAL/FOLDER
     local name="$1" model="$2" folder="$3" max_new_tokens="$4"
     shift 4
@@ -150,11 +158,7 @@ for name, folder in (("trained on lists (--task detect)", "trained"), ("single-b
     rejection = "-" if m["rejection_acc"] is None else f"{m['rejection_acc']:.3f}"
     print(f"| {name} | {' | '.join(cells)} | {recall} | {rejection} ({m['by_count']['0']['count']}) | {m['malformed_answers']} |")
 EOF
-    echo
-    echo "time per stage:"
-    printf '  %s\n' "${STAGE_TIMES[@]}"
-    echo "  total                              $(printf '%5d' $SECONDS) s"
-    echo
+    print_stage_times
     echo "pictures (red: prediction, green: matched truth, orange: missed truth): $EVAL/trained/vis/grid.jpg"
     echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
     echo "the real model on a COCO-style set: configs/SFT_Qwen2_5-VL-3B-Instruct_detect.yaml (docs/detect.md)"
@@ -197,11 +201,7 @@ for name, folder in (*grpo, ("trained tiny model", "trained"), ("untrained tiny 
 print(f"{SIDE_BUCKETS[0]}: the true box's longer side is under {TARGET_SIDE_CUT:.0%} of the image's short side "
       f"(infer.py's {'/'.join(SIZE_BUCKETS)} split by area instead)")
 EOF
-echo
-echo "time per stage:"
-printf '  %s\n' "${STAGE_TIMES[@]}"
-echo "  total                              $(printf '%5d' $SECONDS) s"
-echo
+print_stage_times
 echo "pictures (green: truth, red: prediction): $EVAL/trained/vis/grid.jpg"
 echo "predictions and metrics: $EVAL/trained/{predictions.jsonl,metrics.json}; trained model: $TRAINED"
 [ -z "$GRPO" ] || echo "after GRPO: $EVAL/grpo/{predictions.jsonl,metrics.json}; model: $GRPO_TRAINED"
