@@ -76,7 +76,9 @@ def built_once(tmp_path_factory, worker_id, name, build):
 
 
 def tiny_model(tmp_path_factory, worker_id, name, *flags):
-    build = lambda folder: run_script("scripts/make_tiny_model.py", *flags, "--output_dir", folder)  # noqa: E731
+    def build(folder):
+        run_script("scripts/make_tiny_model.py", *flags, "--output_dir", folder)
+
     return str(built_once(tmp_path_factory, worker_id, name, build))
 
 
@@ -219,7 +221,6 @@ def assert_same_predictions(first, second, first_metrics=None, second_metrics=No
         }
 
 
-
 ANSWERING_STEPS = 150
 
 
@@ -231,12 +232,13 @@ def answering_model(request, data_dir, tmp_path_factory, worker_id):
     base_fixture = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir", "qwen3_5": "tiny_qwen3_5_dir"}
 
     def trained(family):
-        base_dir = request.getfixturevalue(base_fixture[family])
-        build = lambda folder: train(  # noqa: E731
-            base_dir, data_dir / "first4.jsonl", folder / "model", "--max_steps", ANSWERING_STEPS,
-            "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
-            "--save_strategy", "steps", "--save_steps", ANSWERING_STEPS,
-        )  # fmt: skip
+        def build(folder):
+            train(
+                request.getfixturevalue(base_fixture[family]), data_dir / "first4.jsonl", folder / "model",
+                "--max_steps", ANSWERING_STEPS, "--learning_rate", 5e-3, "--lr_scheduler_type", "constant",
+                "--save_strategy", "steps", "--save_steps", ANSWERING_STEPS,
+            )  # fmt: skip
+
         folder = built_once(tmp_path_factory, worker_id, f"answering_{family}", build)
         (run_dir,) = glob.glob(f"{folder}/*_model")
         return run_dir
