@@ -303,10 +303,11 @@ def test_killed_conversion_leaves_no_complete_looking_jsonl(source, env, tmp_pat
 
 
 def test_bad_arguments_fail_with_clear_errors(source, env, tmp_path):
+    # One run as a user runs it; the other checks call the converter's main() in this process.
     result = run_script(
         SCRIPT, "--data_path", source["layouts"]["hub"], "--save_path", tmp_path, "--train_range", "0:45",
         "--test_range", "40:52", env=env, check=False,
-    )  # as a user runs it; the other checks in this process  # fmt: skip
+    )  # fmt: skip
     assert result.returncode != 0 and "--train_range 0:45 overlaps --test_range 40:52" in result.stderr
     hub = ["--data_path", source["layouts"]["hub"], "--save_path", tmp_path]
     message = script_stops("convert2sft_format", *hub, "--train_range", "0:30", "--val_range", "30:41", "--test_range", "40:52")
