@@ -3,8 +3,8 @@
 `load_source`: a TextVQA-schema dataset (or any parquet source) from a local folder (Hub/ModelScope parquet
 layout or datasets.save_to_disk), a Hub id or a ModelScope id.
 
-Detection sources (--task detect), two forms read into one: a Dataset with an `image` column (encoded, not decoded) and `objects`
-{bbox: [[x, y, w, h], ...] in original pixels, category: [...]}, one row per image.
+Detection sources (--task detect), two forms read into one: a Dataset with an `image` column (encoded, not
+decoded) and `objects` {bbox: [[x, y, w, h], ...] in original pixels, category: [...]}, one row per image.
   - COCO: an instances.json (images, annotations, categories) plus the folder of its images;
   - parquet rows (Hub layout, save_to_disk or a dataset id) with `image` and `objects`, whose category is a
     name, or an id named by --categories FILE (or by the column's own ClassLabel names).
@@ -20,6 +20,11 @@ import random
 from datasets import ClassLabel, Dataset, Features, Image, List, Value, load_dataset, load_from_disk
 
 from answers import format_boxes_answer
+
+PER_CATEGORY, ALL_CATEGORIES = "per_category", "all_categories"
+DETECTION_FEATURES = Features(
+    {"image": Image(decode=False), "objects": {"bbox": List(List(Value("float64"))), "category": List(Value("string"))}}
+)
 
 
 def load_source(data_path: str, hub: str, split: str):
@@ -56,12 +61,6 @@ def load_local(directory: str, split: str):
         return load_dataset("parquet", data_dir=directory, split=split)
     except ValueError as error:  # "Unknown split ..." names the splits found
         raise SystemExit(f"{directory}: no --split {split} in the parquet shards: {error}") from None
-
-
-PER_CATEGORY, ALL_CATEGORIES = "per_category", "all_categories"
-DETECTION_FEATURES = Features(
-    {"image": Image(decode=False), "objects": {"bbox": List(List(Value("float64"))), "category": List(Value("string"))}}
-)
 
 
 def detection_query(names) -> str:
